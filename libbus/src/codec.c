@@ -1,0 +1,1 @@
+/* being written: envelope codec */ typedef int codec_placeholder_;

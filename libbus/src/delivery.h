@@ -1,0 +1,39 @@
+/*
+ * struct bus_delivery (internal): whoever calls a handler (the bus
+ * dispatcher, a store subscription, a projector) fills one on its stack.
+ */
+#ifndef BUS_DELIVERY_H
+#define BUS_DELIVERY_H
+
+#include <bus/handler.h>
+
+#define BUS_DELIVERY_MSG_MAX 256
+
+struct bus_delivery {
+    bus_event *event;
+    const char *topic;
+    const char *name;
+    uint64_t deadline_ns;
+    uint32_t attempt;
+    int err_code;
+    char err_msg[BUS_DELIVERY_MSG_MAX];
+    void *owner; /* the caller's own context (subscription, projector) */
+};
+
+/* Prepares d for one call: clears the error. */
+static inline void
+bus__delivery_init(bus_delivery *d, bus_event *ev, const char *topic,
+                   const char *name, uint32_t attempt, uint64_t deadline_ns,
+                   void *owner)
+{
+    d->event = ev;
+    d->topic = topic ? topic : "";
+    d->name = name ? name : "";
+    d->attempt = attempt;
+    d->deadline_ns = deadline_ns;
+    d->err_code = 0;
+    d->err_msg[0] = '\0';
+    d->owner = owner;
+}
+
+#endif

@@ -1,0 +1,1 @@
+/* being written: typed codec */ typedef int type_placeholder_;
