@@ -160,6 +160,8 @@ bus__event_build(bus_event **out, const bus__event_spec *s)
         e->headers[i].vlen = (uint32_t)s->hvals[i].len;
     }
 #undef EV_PUT
+    e->topic = NULL;
+    e->topic_len = 0;
     e->arena = sp;
     e->arena_left = (size_t)((char *)e + size - sp);
     *out = e;
@@ -659,5 +661,21 @@ bus_event_set_header(bus_event *e, const char *key, const char *value)
     h->klen = (uint32_t)klen;
     h->value = vd;
     h->vlen = (uint32_t)vlen;
+    return BUS_OK;
+}
+
+int
+bus__event_set_topic(bus_event *e, const char *topic, size_t len)
+{
+    char *d;
+
+    if (bus__event_is_frozen(e))
+        return BUS_EFROZEN;
+    if (bus__event_topic_is(e, topic, len))
+        return BUS_OK;
+    if ((d = ev_arena_str(e, topic, len)) == NULL)
+        return BUS_ENOMEM;
+    e->topic = d;
+    e->topic_len = (uint32_t)len;
     return BUS_OK;
 }

@@ -38,6 +38,8 @@ struct bus_event {
     uint64_t position;
     const char *type;   /* never NULL: "" when unset */
     const char *stream; /* NULL when none */
+    const char *topic;  /* set when first published; NULL before */
+    uint32_t topic_len;
     ev_header *headers;
     const uint8_t *payload;
     size_t payload_len;
@@ -80,6 +82,20 @@ typedef struct bus__event_spec {
 /* Builds an event in one allocation. On failure an adopted payload is
  * freed (payload_free called). Returns BUS_OK or BUS_ENOMEM. */
 int bus__event_build(bus_event **out, const bus__event_spec *s);
+
+/* Records the topic the event is published on, before it is frozen
+ * (bus_publish and bus_broker_publish do this), so that queued deliveries
+ * can name it after the publisher's string is gone. BUS_OK, BUS_EFROZEN,
+ * BUS_ENOMEM. */
+int bus__event_set_topic(bus_event *e, const char *topic, size_t len);
+
+/* True when e was published on exactly this topic. */
+static inline bool
+bus__event_topic_is(const bus_event *e, const char *topic, size_t len)
+{
+    return e->topic != NULL && e->topic_len == len
+        && __builtin_memcmp(e->topic, topic, len) == 0;
+}
 
 /* Drops the frozen flag check: true when setters may still run. */
 static inline bool

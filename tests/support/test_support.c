@@ -1,6 +1,7 @@
 /* Shared test helpers (see test_support.h). */
 #define _XOPEN_SOURCE 700 /* nftw */
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -107,6 +108,9 @@ bt_run(char *const argv[], const void *stdin_data, size_t stdin_len,
     close(in[0]);
     close(outp[1]);
     signal(SIGPIPE, SIG_IGN);
+    /* Non-blocking stdin: a child that writes a lot before reading must
+     * not deadlock us in write() while its stdout pipe is full. */
+    fcntl(in[1], F_SETFL, fcntl(in[1], F_GETFL) | O_NONBLOCK);
     buf = malloc(cap);
     if (stdin_data == NULL || stdin_len == 0) {
         close(in[1]);
@@ -134,7 +138,7 @@ bt_run(char *const argv[], const void *stdin_data, size_t stdin_len,
                               stdin_len - off);
             if (w > 0)
                 off += (size_t)w;
-            if (w <= 0 || off == stdin_len) {
+            if ((w < 0 && errno != EAGAIN) || off == stdin_len) {
                 close(in[1]);
                 in[1] = -1;
             }

@@ -50,7 +50,9 @@ BUS_API int bus_codec_encode_alloc(const bus_event *e, void **buf,
                                    size_t *len);
 BUS_API void bus_codec_buf_free(void *buf, size_t len);
 
-/* Decodes exactly len bytes into a new event (frozen, refcount 1), copying
+/* Decodes exactly len bytes into a new event (refcount 1, not frozen: a
+ * receiver may record the topic or add headers before publishing, which
+ * freezes it), copying
  * what it needs: buf is borrowed. limits may be NULL (defaults). errbuf (if
  * not NULL) gets a reason naming the offending key and offset.
  * Returns BUS_OK, BUS_EPROTO (malformed), BUS_ETOOBIG (a limit exceeded),
