@@ -32,6 +32,9 @@ endif ()
 if (BUS_WITH_ROCKSDB)
     string(APPEND BUS_PC_REQUIRES_PRIVATE " rocksdb")
 endif ()
+# ${pcfiledir} is <prefix>/<libdir>/pkgconfig: climb back to <prefix>.
+file(RELATIVE_PATH BUS_PC_RELATIVE_PREFIX
+    "/prefix/${CMAKE_INSTALL_LIBDIR}/pkgconfig" "/prefix")
 configure_file(${PROJECT_SOURCE_DIR}/cmake/libbus.pc.in
     ${PROJECT_BINARY_DIR}/libbus.pc @ONLY)
 install(FILES ${PROJECT_BINARY_DIR}/libbus.pc
