@@ -124,7 +124,9 @@ main(void)
     };
     order_placed order = {"order-1001", "alice", {lines, 2}, true};
     payment_received pay = {"order-1001", 615, "EUR", 1.0};
-    bus_header hdr[] = {{BUS_H_CORRELATION_ID, "checkout-7"}};
+    bus_header hdr[] = {{BUS_H_CORRELATION_ID, "checkout-7"},
+                        {BUS_H_CAUSATION_ID, NULL}};
+    char order_id[BUS_UUID_STR_LEN + 1];
     bus_event_init init;
     int rv, status = 1;
 
@@ -167,6 +169,7 @@ main(void)
             printf("  line      %u x %s at %" PRId64 " cents\n",
                    l[i].quantity, l[i].sku, l[i].unit_price_cents);
     }
+    bus_uuid_format(bus_event_id(back), order_id);
     bus_type_free(obj);
     obj = NULL;
     bus_event_unref(ev);
@@ -176,6 +179,8 @@ main(void)
     /* 2. The payment, caused by the order (causation id = its id). */
     printf("\n");
     init.stream_version = 2;
+    hdr[1].value = order_id;
+    init.n_headers = 2;
     rv = bus_event_new_typed(&ev, &payment_type, &pay, &init, err,
                              sizeof(err));
     if (rv != BUS_OK) {
