@@ -825,45 +825,6 @@ codec_parse(codec_dec *d, codec_fields *f)
     return BUS_OK;
 }
 
-/* bus_codec_decode_adopt's free_fn with its own arguments, kept in the
- * event's block (see codec_adopt_attach). */
-typedef struct codec_adopt {
-    bus_free_fn fn;
-    void *buf;
-    void *hint;
-} codec_adopt;
-
-/* The event calls payload_free(payload, hint); the user asked for
- * free_fn(buf, hint) with buf the start of the frame, not the payload inside
- * it. The record lives in the block being destroyed: ev_destroy runs
- * payload_free before it frees the block, and we copy the fields out
- * before calling anyway. */
-static void
-codec_adopt_release(void *payload, void *hint)
-{
-    codec_adopt a = *(const codec_adopt *)hint;
-
-    (void)payload;
-    a.fn(a.buf, a.hint);
-}
-
-/* Carves the record from the spare room that the build reserved (event
- * arena, event_impl.h) and makes the event own buf. Cannot fail. */
-static void
-codec_adopt_attach(bus_event *e, bus_free_fn fn, void *buf, void *hint)
-{
-    size_t pad = (size_t)(-(uintptr_t)e->arena & (_Alignof(codec_adopt) - 1));
-    codec_adopt *a = (codec_adopt *)(void *)(e->arena + pad);
-
-    e->arena += pad + sizeof(*a);
-    e->arena_left -= pad + sizeof(*a);
-    a->fn = fn;
-    a->buf = buf;
-    a->hint = hint;
-    e->payload_free = codec_adopt_release;
-    e->payload_hint = a;
-}
-
 /* The common body. adopt: the payload references buf instead of being
  * copied; free_fn (if any) is attached on success only, the caller runs it
  * on failure. */
@@ -928,14 +889,12 @@ codec_decode(bus_event **out, const void *buf, size_t len, bool adopt,
     s.n_headers = f.n_headers;
     s.payload = f.payload;
     s.payload_len = f.payload_len;
-    /* Spare room: the adopt record, and the topic a receiving backend
-     * records before delivering (bus__event_set_topic), so that costs no
-     * allocation. The payload is never handed to the build with a free
-     * function: on ENOMEM we free it ourselves, once. */
+    /* Spare room for the topic a receiving backend records before
+     * delivering (bus__event_set_topic), so that costs no allocation. The
+     * payload is never handed to the build with a free function: on
+     * ENOMEM the caller frees the frame itself, once. */
     s.adopt_static = adopt;
-    s.spare = CODEC_TOPIC_SPARE
-            + (adopt && free_fn != NULL
-                   ? sizeof(codec_adopt) + _Alignof(codec_adopt) : 0);
+    s.spare = CODEC_TOPIC_SPARE;
     rv = bus__event_build(&e, &s);
     codec_fields_release(&f);
     if (rv != BUS_OK) {
@@ -944,8 +903,13 @@ codec_decode(bus_event **out, const void *buf, size_t len, bool adopt,
     }
     /* The build reads timestamp 0 as "now"; on the wire 0 is a value. */
     e->timestamp = f.ts;
-    if (adopt && free_fn != NULL)
-        codec_adopt_attach(e, free_fn, (void *)buf, hint);
+    if (adopt && free_fn != NULL) {
+        /* The event owns the whole frame: free_fn gets buf, not the
+         * payload inside it (payload_owner, event_impl.h). */
+        e->payload_free = free_fn;
+        e->payload_hint = hint;
+        e->payload_owner = (void *)buf;
+    }
     /* Not frozen: the receiver owns the only reference and may record
      * the topic first; publishing freezes it. */
     *out = e;

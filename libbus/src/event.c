@@ -128,10 +128,12 @@ bus__event_build(bus_event **out, const bus__event_spec *s)
         e->payload = p;
         e->payload_free = NULL;
         e->payload_hint = NULL;
+        e->payload_owner = NULL;
     } else {
         e->payload = s->payload;
         e->payload_free = s->payload_free;
         e->payload_hint = s->payload_hint;
+        e->payload_owner = NULL;
     }
     e->payload_len = s->payload_len;
 
@@ -374,7 +376,9 @@ ev_destroy(bus_event *e)
     ev_chunk *c, *next;
 
     if (e->payload_free != NULL)
-        e->payload_free((void *)e->payload, e->payload_hint);
+        e->payload_free(e->payload_owner != NULL ? e->payload_owner
+                                                 : (void *)e->payload,
+                        e->payload_hint);
     for (c = e->chunks; c != NULL; c = next) {
         next = c->next;
         bus__free(c, c->size);

@@ -45,6 +45,9 @@ struct bus_event {
     size_t payload_len;
     bus_free_fn payload_free; /* NULL: payload is ours or static */
     void *payload_hint;
+    void *payload_owner; /* what payload_free frees: the adopted buffer the
+                          * payload lies in (a decoded frame); NULL means
+                          * the payload pointer itself */
     char *arena; /* spare room in the block */
     size_t arena_left;
     ev_chunk *chunks; /* overflow allocations, freed with the event */
