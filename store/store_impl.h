@@ -1,0 +1,528 @@
+/*
+ * The event store's internals, shared by store.c (open/close, key-value,
+ * checkpoints, verify), writer.c (the group writer: appends, transactions,
+ * metadata, deletes), read.c (reads and visibility), scavenge.c, sub.c
+ * (subscriptions) and projector.c.
+ *
+ * Lock order (outermost first): s->meta_mtx, s->wq_mtx, s->pol_mtx,
+ * s->ev_mtx. ev_mtx (commit notification, subscription and projector
+ * control) and pol_mtx are leaves: nothing else is taken while they are
+ * held, and no callback runs under any of them.
+ *
+ * Key layout (docs/store.md is the reference). Integers are big-endian so
+ * byte order is numeric order:
+ *   default      "format"                      -> u32 format version
+ *                "floor"                       -> u64 head floor (scavenge)
+ *   log          u64 position                  -> envelope (codec.h)
+ *   streams      u64 hash(stream) stream 0x00 u64 first version
+ *                                              -> u64 position, u32 count
+ *   meta         'v' stream                    -> u64 last version, written
+ *                                                 only by scavenge (else the
+ *                                                 last index entry's)
+ *                'm' stream                    -> policy record
+ *   ids          16-byte event id              -> u64 pos, u64 ver, stream
+ *   checkpoints  'c' name                      -> u64 position
+ *                'd' name 0x00 u64 position    -> dead-letter record
+ *   outbox       (reserved for the outbox)
+ *   app          user keys
+ */
+#ifndef BUS_STORE_IMPL_H
+#define BUS_STORE_IMPL_H
+
+#include <stdatomic.h>
+#include <string.h>
+
+#include <rocksdb/c.h>
+
+#include <bus/codec.h>
+#include <bus/store.h>
+
+#include "platform.h"
+
+/* Column families, in creation order. */
+enum {
+    CF_DEFAULT = 0,
+    CF_LOG,
+    CF_STREAMS,
+    CF_META,
+    CF_IDS,
+    CF_CHECKPOINTS,
+    CF_OUTBOX,
+    CF_APP,
+    CF_COUNT
+};
+extern const char *const bus__store_cf_names[CF_COUNT];
+
+#define STORE_FLOOR_KEY "floor"
+#define STORE_MAX_STREAM 4096u
+#define STORE_MAX_NAME 255u  /* checkpoint names */
+#define STORE_MAX_KEY 65535u /* application keys */
+#define STORE_KEY_BUF (STORE_MAX_STREAM + 32u)
+
+/* Policy record flags ('m' records). */
+#define STORE_F_DELETED 0x01u    /* soft-deleted: NO_STREAM until appended */
+#define STORE_F_TOMBSTONE 0x02u  /* hard-deleted */
+#define STORE_POLICY_REC_LEN 26u /* u8 rec version, u8 flags, 3 x u64 */
+
+typedef struct store_policy {
+    uint8_t flags;
+    uint64_t truncate_before;
+    uint64_t max_count;
+    uint64_t max_age_ms;
+} store_policy;
+
+static inline bool
+store_policy_is_default(const store_policy *p)
+{
+    return p->flags == 0 && p->truncate_before == 0 && p->max_count == 0 &&
+           p->max_age_ms == 0;
+}
+
+static inline bool
+store_policy_eq(const store_policy *a, const store_policy *b)
+{
+    return a->flags == b->flags && a->truncate_before == b->truncate_before &&
+           a->max_count == b->max_count && a->max_age_ms == b->max_age_ms;
+}
+
+/* ---- Bytes --------------------------------------------------------------- */
+
+static inline void
+store_put_be64(uint8_t *p, uint64_t v)
+{
+    int i;
+
+    for (i = 7; i >= 0; i--) {
+        p[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static inline uint64_t
+store_get_be64(const void *q)
+{
+    const uint8_t *p = q;
+    uint64_t v = 0;
+    int i;
+
+    for (i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static inline void
+store_put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static inline uint32_t
+store_get_be32(const void *q)
+{
+    const uint8_t *p = q;
+
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+           p[3];
+}
+
+/* FNV-1a: stream names are short and the tables small. */
+static inline uint64_t
+store_hash(const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    uint64_t h = 0xcbf29ce484222325u;
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        h ^= b[i];
+        h *= 0x100000001b3u;
+    }
+    return h;
+}
+
+/* A growable byte buffer (bus__alloc). */
+typedef struct store_buf {
+    uint8_t *p;
+    size_t len;
+    size_t cap;
+} store_buf;
+
+/* Ensures room for extra more bytes. Returns BUS_OK or BUS_ENOMEM. */
+int bus__store_buf_reserve(store_buf *b, size_t extra);
+int bus__store_buf_append(store_buf *b, const void *p, size_t n);
+void bus__store_buf_free(store_buf *b);
+
+/* Keys. Each writes into k (STORE_KEY_BUF bytes) and returns the length.
+ *
+ * A stream-index key starts with a 64-bit hash of the stream: RocksDB's
+ * memtable keeps an insert hint per 8-byte prefix (option
+ * memtable_insert_with_hint_prefix_extractor), so appends to many
+ * interleaved streams each insert next to their stream's previous entry
+ * instead of searching the skiplist from the top. Nothing needs the index
+ * in stream-name order (name-prefix filters read the log). */
+#define STORE_SKEY_HASH 8u
+static inline size_t
+store_key_stream(uint8_t *k, const char *stream, size_t slen, uint64_t ver)
+{
+    store_put_be64(k, store_hash(stream, slen));
+    memcpy(k + STORE_SKEY_HASH, stream, slen);
+    k[STORE_SKEY_HASH + slen] = 0;
+    store_put_be64(k + STORE_SKEY_HASH + slen + 1, ver);
+    return STORE_SKEY_HASH + slen + 9;
+}
+
+/* A stream-index value describes a run: the versions first..first+n-1
+ * (first is in the key) sit at positions pos..pos+n-1. One append part
+ * gives its events consecutive versions and consecutive positions, so it
+ * writes one index entry however many events it has. */
+#define STORE_RUN_LEN 12u
+static inline void
+store_run_encode(uint8_t *v, uint64_t pos, uint32_t n)
+{
+    store_put_be64(v, pos);
+    store_put_be32(v + 8, n);
+}
+
+static inline bool
+store_run_decode(const void *v, size_t vl, uint64_t *pos, uint64_t *n)
+{
+    if (vl != STORE_RUN_LEN)
+        return false;
+    *pos = store_get_be64(v);
+    *n = store_get_be32((const uint8_t *)v + 8);
+    return *n > 0;
+}
+
+/* Length of a stream's key prefix (hash, name, 0). */
+static inline size_t
+store_key_stream_prefix(size_t slen)
+{
+    return STORE_SKEY_HASH + slen + 1;
+}
+
+/* Whether key (kl bytes) is an index entry of the stream whose key k was
+ * built by store_key_stream for slen bytes; *ver gets its version. */
+static inline bool
+store_key_stream_match(const void *key, size_t kl, const uint8_t *k,
+                       size_t slen, uint64_t *ver)
+{
+    size_t pl = store_key_stream_prefix(slen);
+
+    if (kl != pl + 8 || memcmp(key, k, pl) != 0)
+        return false;
+    *ver = store_get_be64((const uint8_t *)key + pl);
+    return true;
+}
+
+static inline size_t
+store_key_meta(uint8_t *k, char tag, const char *stream, size_t slen)
+{
+    k[0] = (uint8_t)tag;
+    memcpy(k + 1, stream, slen);
+    return slen + 1;
+}
+
+/* ---- The writer's stream cache ------------------------------------------- */
+
+typedef struct store_stream {
+    struct store_stream *hnext;    /* hash chain */
+    struct store_stream *lru_prev; /* most recent at s->w.lru_head */
+    struct store_stream *lru_next;
+    uint64_t hash;
+    uint64_t last;    /* committed last version */
+    store_policy pol; /* committed policy */
+    uint64_t p_gen;   /* pending values below are valid when == w.gen */
+    uint64_t p_last;
+    store_policy p_pol;
+    size_t len;
+    char name[]; /* len bytes and a NUL */
+} store_stream;
+
+/* ---- Writer requests ----------------------------------------------------- */
+
+/* One stream's part of a request. */
+typedef struct store_part {
+    const char *stream;
+    size_t slen;
+    uint64_t expected;
+    bus_event *const *events;
+    size_t n;
+    bus_store_append_result res;
+} store_part;
+
+/* A key-value operation of a transaction; key and value live in the
+ * transaction's byte buffer. */
+typedef struct store_op {
+    uint8_t cf;
+    uint8_t del;
+    size_t koff, klen;
+    size_t voff, vlen;
+} store_op;
+
+typedef enum store_req_kind {
+    REQ_WRITE = 1, /* appends and/or key-value operations */
+    REQ_META,      /* set a stream's retention policy */
+    REQ_DELETE     /* soft or hard delete */
+} store_req_kind;
+
+typedef struct store_req {
+    struct store_req *next;
+    store_req_kind kind;
+    store_part *parts;
+    size_t nparts;
+    const store_op *ops;
+    size_t nops;
+    const uint8_t *opbytes;
+    /* REQ_META / REQ_DELETE: parts[0].stream, .expected */
+    bus_store_stream_meta meta;
+    bool hard;
+    size_t cost; /* estimated bytes, for the group cap */
+    int rv;
+    bool done;
+    bool leader;
+    bool has_cond;
+    bus__cond cond;
+} store_req;
+
+/* Pending event ids of the current group (id -> where it goes). */
+typedef struct store_pid {
+    bus_uuid id;
+    store_stream *st;
+    uint64_t ver;
+    uint64_t pos;
+    uint32_t req_seq; /* which request of the group added it */
+    uint32_t hnext;   /* chain, index + 1; 0 ends */
+} store_pid;
+
+/* Undo record for a request that fails after changing pending state. */
+typedef struct store_undo {
+    store_stream *st;
+    uint64_t p_gen;
+    uint64_t p_last;
+    store_policy p_pol;
+} store_undo;
+
+/* State only the current writer (the leader) touches. */
+typedef struct store_writer {
+    rocksdb_writebatch_t *wb;
+    store_buf enc;   /* encoded events of the current request */
+    size_t *enc_off; /* per event offset into enc */
+    size_t enc_cap;
+    uint64_t gen;      /* group number */
+    uint64_t next_pos; /* next position to give */
+    bus_uuid max_id;   /* no stored id is greater (memcmp) */
+    /* stream cache */
+    store_stream **tab;
+    size_t tab_size; /* power of two */
+    size_t n_streams;
+    store_stream *lru_head, *lru_tail;
+    /* current group */
+    store_stream **touched;
+    size_t n_touched, cap_touched;
+    store_pid *pids;
+    size_t n_pids, cap_pids;
+    uint32_t *pid_tab; /* buckets: index + 1 */
+    size_t pid_tab_size;
+    store_undo *undo;
+    size_t n_undo, cap_undo;
+} store_writer;
+
+/* ---- Readers' view of retention policies --------------------------------- */
+
+typedef struct store_pol_ent {
+    struct store_pol_ent *next;
+    uint64_t hash;
+    store_policy pol;
+    size_t len;
+    char name[];
+} store_pol_ent;
+
+/* ---- Subscriptions and projectors (sub.c, projector.c) ------------------- */
+
+typedef struct store_tail store_tail;
+
+/* Something with a thread that store close must stop. */
+typedef struct store_worker {
+    struct store_worker *next;
+    struct store_worker *prev;
+    void (*stop)(struct store_worker *w);    /* non-blocking */
+    void (*destroy)(struct store_worker *w); /* join and free */
+    bool is_projector;
+    const char *name;
+} store_worker;
+
+/* Compiled filter. */
+typedef struct store_filter {
+    const char *prefix;
+    size_t plen;
+    const char *const *types;
+    bool any; /* no condition */
+} store_filter;
+
+/* A deep copy of a bus_store_filter (sub.c). */
+typedef struct store_fcopy {
+    char *prefix;
+    size_t prefix_size;
+    char **types; /* NULL-terminated */
+    size_t n_types;
+    size_t *type_sizes;
+} store_fcopy;
+int bus__store_fcopy_init(store_fcopy *fc, const bus_store_filter *in);
+void bus__store_fcopy_fini(store_fcopy *fc);
+void bus__store_fcopy_filter(const store_fcopy *fc, store_filter *out);
+
+/* Retry settings with defaults applied; the wait before attempt n+1. */
+void bus__store_retry_defaults(bus_store_retry *r);
+uint64_t bus__store_backoff_ns(const bus_store_retry *r, uint32_t attempt);
+
+/* Waits on ev_cond until deadline (monotonic ns) or until stop(arg),
+ * evaluated under ev_mtx, is true. Returns false when stopped. */
+bool bus__store_sleep(bus_store *s, uint64_t deadline, bool (*stop)(void *),
+                      void *arg);
+
+/* ---- The store ----------------------------------------------------------- */
+
+struct bus_store {
+    bus_store_config cfg; /* validated copy; cfg.path points to path */
+    char *path;
+    size_t path_size;
+    rocksdb_t *db;
+    rocksdb_options_t *dbopts;
+    rocksdb_options_t *cfopts[CF_COUNT];
+    rocksdb_block_based_table_options_t *bbto[2];
+    rocksdb_cache_t *cache;
+    rocksdb_column_family_handle_t *cf[CF_COUNT];
+    rocksdb_column_family_handle_t **extra_cf; /* unknown families */
+    size_t n_extra_cf;
+    rocksdb_writeoptions_t *wo;      /* WAL, no sync */
+    rocksdb_writeoptions_t *wo_sync; /* WAL, fsync */
+    rocksdb_readoptions_t *ro;       /* latest, default options */
+    bus_codec_limits limits;
+
+    atomic_bool closing;
+    _Atomic uint64_t head; /* last committed position */
+
+    /* group writer queue */
+    bus__mutex wq_mtx;
+    store_req *wq_head, *wq_tail;
+    bool leader_busy;
+    uint32_t inflight; /* accepted, not yet answered */
+    bus__cond wq_idle;
+    store_writer w; /* @locks the leader role */
+
+    /* readers' policies */
+    bus__mutex pol_mtx;
+    store_pol_ent **pol_tab;
+    size_t pol_tab_size;
+    _Atomic size_t n_pol;
+
+    /* serialises metadata changes with scavenge */
+    bus__mutex meta_mtx;
+
+    /* commit notification, subscription/projector control and registry */
+    bus__mutex ev_mtx;
+    bus__cond ev_cond;    /* broadcast on commit and control */
+    store_worker workers; /* list head (sentinel) */
+
+    /* statistics (relaxed) */
+    _Atomic uint64_t st_appends, st_events, st_dups, st_conflicts;
+    _Atomic uint64_t st_groups, st_syncs;
+    bool mutexes_ready;
+};
+
+/* store.c */
+void bus__store_logf(bus_store *s, bus_log_level lv, const char *fmt, ...)
+    BUS_PRINTF(3, 4);
+/* Maps a RocksDB error string to a code, logs it, frees it. */
+int bus__store_rdb_err(bus_store *s, char *err, const char *what);
+bool bus__store_name_ok(const char *s, size_t *len, size_t max);
+int bus__store_write_direct(bus_store *s, rocksdb_writebatch_t *wb, bool sync);
+/* The monotonic notification: wake everything waiting on ev_cond. */
+void bus__store_notify(bus_store *s);
+void bus__store_worker_add(bus_store *s, store_worker *w);
+void bus__store_worker_remove(bus_store *s, store_worker *w);
+
+/* writer.c */
+int bus__store_writer_init(bus_store *s);
+void bus__store_writer_fini(bus_store *s);
+int bus__store_submit(bus_store *s, store_req *r);
+int bus__store_load_stream(bus_store *s, const rocksdb_readoptions_t *ro,
+                           const char *stream, size_t slen, uint64_t *last,
+                           store_policy *pol);
+void bus__store_policy_encode(uint8_t *out, const store_policy *p);
+int bus__store_policy_decode(const void *v, size_t n, store_policy *p);
+/* Emits a transaction's operations into wb. */
+void bus__store_emit_ops(bus_store *s, rocksdb_writebatch_t *wb,
+                         const store_op *ops, size_t nops,
+                         const uint8_t *bytes);
+
+/* read.c */
+int bus__store_pol_load(bus_store *s);
+void bus__store_pol_fini(bus_store *s);
+void bus__store_pol_set(bus_store *s, const char *name, size_t len,
+                        const store_policy *p);
+bool bus__store_pol_get(bus_store *s, const char *name, size_t len,
+                        store_policy *p);
+void bus__store_filter_init(store_filter *f, const bus_store_filter *bf);
+/* What the reader needs from an envelope without decoding it. */
+typedef struct store_peek {
+    const char *type;
+    size_t type_len;
+    const char *stream;
+    size_t stream_len;
+    uint64_t sver;
+    int64_t ts;
+} store_peek;
+int bus__store_peek(const void *buf, size_t len, store_peek *pk);
+bool bus__store_filter_match(const store_filter *f, const store_peek *pk);
+/* Decodes a log record into a new event with its position set. */
+int bus__store_decode(bus_store *s, const void *buf, size_t len, uint64_t pos,
+                      bus_event **out);
+int bus__store_slice_push(bus_store_slice *sl, bus_event *e);
+void bus__store_slice_clear(bus_store_slice *sl);
+/* Internal forms of the reads: filter pre-compiled, slice not cleared
+ * first, max_scan bounded. */
+int bus__store_read_all(bus_store *s, uint64_t from, bus_store_direction dir,
+                        size_t max_count, size_t max_scan,
+                        const store_filter *f, bus_store_slice *out);
+int bus__store_read_stream(bus_store *s, const char *stream, size_t slen,
+                           uint64_t from, bus_store_direction dir,
+                           size_t max_count, const store_filter *f,
+                           bus_store_slice *out);
+/* Visibility of an event under its stream's policy; last is the stream's
+ * last version, now_ms the wall clock. */
+bool bus__store_visible(const store_policy *p, uint64_t last, uint64_t ver,
+                        int64_t ts_ns, int64_t now_ms);
+
+/* Transactions (txn.c): what the projector needs. */
+struct bus_store_txn {
+    bus_store *s;
+    store_buf bytes;
+    store_op *ops;
+    size_t nops, cap_ops;
+    /* appends: stream bytes live in `bytes`, events in evs */
+    struct txn_part {
+        size_t soff, slen;
+        uint64_t expected;
+        size_t ev_off, n;
+    } * parts;
+    size_t nparts, cap_parts;
+    bus_event **evs;
+    size_t nevs, cap_evs;
+    const uint8_t *prefix; /* projector namespace for BUS_STORE_APP */
+    size_t plen;
+    bool projector;
+};
+void bus__store_txn_init(bus_store_txn *t, bus_store *s);
+void bus__store_txn_clear(bus_store_txn *t);
+void bus__store_txn_fini(bus_store_txn *t);
+/* Rolls back to (nops, bytes) taken earlier. */
+void bus__store_txn_truncate(bus_store_txn *t, size_t nops, size_t nbytes);
+int bus__store_txn_put_raw(bus_store_txn *t, int cf, const void *k1,
+                           size_t k1len, const void *k2, size_t k2len,
+                           const void *v, size_t vlen, bool del);
+
+#endif

@@ -1,0 +1,1172 @@
+/*
+ * The group writer: every change to streams (appends, transactions,
+ * metadata, deletes) is a request queued here and written by one leader
+ * in one RocksDB WriteBatch per group, with one WAL sync per group.
+ *
+ * Design:
+ * - Leader/follower group commit (as RocksDB's own write queue and MySQL's
+ *   binlog): a caller queues its request; if no leader is active it
+ *   becomes the leader, else it waits on its own condition variable. The
+ *   leader detaches a group from the head of the queue (FIFO, capped by
+ *   max_group_bytes), processes it without any lock, writes it, answers
+ *   every request of the group, and hands the role to the new queue head.
+ *   A lone appender therefore writes on its own thread with no hand-off.
+ * - Positions are given in queue order by the leader only, and groups are
+ *   written one after another, so the log's visible prefix never has a
+ *   gap: readers may read anything visible, and s->head (stored after the
+ *   write, release) is a position up to which everything is visible.
+ * - Each request is checked against the state the earlier requests of the
+ *   same group leave ("pending" values in the stream cache, valid while
+ *   p_gen == w.gen). A request that fails restores what it changed (undo
+ *   log), so one request's conflict never fails another. The batch only
+ *   receives a request's records once the whole request has been checked
+ *   and encoded, so a failed request leaves nothing in it.
+ * - If the write itself fails, every request of the group fails with the
+ *   write's error and the pending state is dropped (the next group has a
+ *   new generation): memory never runs ahead of disk.
+ * - The stream cache (last version and policy per stream) is the writer's
+ *   own: only the leader touches it, so it needs no lock. Misses load the
+ *   meta records; the least recently used clean entry is evicted.
+ *
+ * @thread the leader is whichever appending thread holds the role.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <bus/codec.h>
+
+#include "alloc.h"
+#include "event_impl.h"
+#include "store_impl.h"
+#include "testing.h"
+
+/* ---- Policy records ------------------------------------------------------ */
+
+void
+bus__store_policy_encode(uint8_t *out, const store_policy *p)
+{
+    out[0] = 1;
+    out[1] = p->flags;
+    store_put_be64(out + 2, p->truncate_before);
+    store_put_be64(out + 10, p->max_count);
+    store_put_be64(out + 18, p->max_age_ms);
+}
+
+int
+bus__store_policy_decode(const void *v, size_t n, store_policy *p)
+{
+    const uint8_t *b = v;
+
+    memset(p, 0, sizeof(*p));
+    if (n < STORE_POLICY_REC_LEN || b[0] != 1)
+        return BUS_ECORRUPT;
+    p->flags = b[1];
+    p->truncate_before = store_get_be64(b + 2);
+    p->max_count = store_get_be64(b + 10);
+    p->max_age_ms = store_get_be64(b + 18);
+    return BUS_OK;
+}
+
+/* The greatest version in the stream index, 0 if none. */
+static int
+load_index_last(bus_store *s, const rocksdb_readoptions_t *ro,
+                const char *stream, size_t slen, uint64_t *last)
+{
+    uint8_t k[STORE_KEY_BUF];
+    rocksdb_iterator_t *it;
+    size_t klen, kl;
+    const char *key;
+    char *err = NULL;
+
+    *last = 0;
+    klen = store_key_stream(k, stream, slen, UINT64_MAX);
+    it = rocksdb_create_iterator_cf(s->db, ro, s->cf[CF_STREAMS]);
+    rocksdb_iter_seek_for_prev(it, (const char *)k, klen);
+    if (rocksdb_iter_valid(it)) {
+        uint64_t first, pos, n;
+        size_t vl;
+        const char *val;
+
+        key = rocksdb_iter_key(it, &kl);
+        val = rocksdb_iter_value(it, &vl);
+        if (store_key_stream_match(key, kl, k, slen, &first)) {
+            if (!store_run_decode(val, vl, &pos, &n)) {
+                rocksdb_iter_destroy(it);
+                return BUS_ECORRUPT;
+            }
+            *last = first + n - 1;
+        }
+    }
+    rocksdb_iter_get_error(it, &err);
+    rocksdb_iter_destroy(it);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read stream index");
+    return BUS_OK;
+}
+
+int
+bus__store_load_stream(bus_store *s, const rocksdb_readoptions_t *ro,
+                       const char *stream, size_t slen, uint64_t *last,
+                       store_policy *pol)
+{
+    uint8_t k[STORE_KEY_BUF];
+    size_t klen, vlen;
+    uint64_t ilast;
+    char *v, *err = NULL;
+    int rv = BUS_OK;
+
+    *last = 0;
+    memset(pol, 0, sizeof(*pol));
+    /* The last version is the index's greatest, or the 'v' record that a
+     * scavenge leaves when it removes a stream's tail, whichever is
+     * greater (appends write no 'v': one record less per append). */
+    if ((rv = load_index_last(s, ro, stream, slen, &ilast)) != BUS_OK)
+        return rv;
+    klen = store_key_meta(k, 'v', stream, slen);
+    v = rocksdb_get_cf(s->db, ro, s->cf[CF_META], (const char *)k, klen, &vlen,
+                       &err);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read stream state");
+    if (v != NULL) {
+        if (vlen != 8)
+            rv = BUS_ECORRUPT;
+        else
+            *last = store_get_be64(v);
+        rocksdb_free(v);
+    }
+    if (ilast > *last)
+        *last = ilast;
+    k[0] = 'm';
+    v = rocksdb_get_cf(s->db, ro, s->cf[CF_META], (const char *)k, klen, &vlen,
+                       &err);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read stream metadata");
+    if (v != NULL) {
+        if (rv == BUS_OK)
+            rv = bus__store_policy_decode(v, vlen, pol);
+        rocksdb_free(v);
+    }
+    if (rv != BUS_OK)
+        bus__store_logf(s, BUS_LOG_ERR, "stream %.*s: corrupt meta record",
+                        (int)(slen > 200 ? 200 : slen), stream);
+    return rv;
+}
+
+/* ---- Stream cache (leader only) ------------------------------------------ */
+
+int
+bus__store_writer_init(bus_store *s)
+{
+    store_writer *w = &s->w;
+    size_t n = 64;
+
+    while (n < s->cfg.stream_cache && n < ((size_t)1 << 24))
+        n *= 2;
+    w->tab = bus__zalloc(n * sizeof(*w->tab));
+    if (w->tab == NULL)
+        return BUS_ENOMEM;
+    w->tab_size = n;
+    w->wb = rocksdb_writebatch_create();
+    w->gen = 1;
+    return BUS_OK;
+}
+
+static void
+wc_free(store_stream *st)
+{
+    bus__free(st, sizeof(*st) + st->len + 1);
+}
+
+void
+bus__store_writer_fini(bus_store *s)
+{
+    store_writer *w = &s->w;
+    store_stream *st, *nx;
+
+    for (st = w->lru_head; st != NULL; st = nx) {
+        nx = st->lru_next;
+        wc_free(st);
+    }
+    bus__free(w->tab, w->tab_size * sizeof(*w->tab));
+    if (w->wb != NULL)
+        rocksdb_writebatch_destroy(w->wb);
+    bus__store_buf_free(&w->enc);
+    bus__free(w->enc_off, w->enc_cap * sizeof(*w->enc_off));
+    bus__free(w->touched, w->cap_touched * sizeof(*w->touched));
+    bus__free(w->pids, w->cap_pids * sizeof(*w->pids));
+    bus__free(w->pid_tab, w->pid_tab_size * sizeof(*w->pid_tab));
+    bus__free(w->undo, w->cap_undo * sizeof(*w->undo));
+    memset(w, 0, sizeof(*w));
+}
+
+static void
+wc_lru_unlink(store_writer *w, store_stream *st)
+{
+    if (st->lru_prev != NULL)
+        st->lru_prev->lru_next = st->lru_next;
+    else
+        w->lru_head = st->lru_next;
+    if (st->lru_next != NULL)
+        st->lru_next->lru_prev = st->lru_prev;
+    else
+        w->lru_tail = st->lru_prev;
+    st->lru_prev = st->lru_next = NULL;
+}
+
+static void
+wc_lru_front(store_writer *w, store_stream *st)
+{
+    st->lru_prev = NULL;
+    st->lru_next = w->lru_head;
+    if (w->lru_head != NULL)
+        w->lru_head->lru_prev = st;
+    w->lru_head = st;
+    if (w->lru_tail == NULL)
+        w->lru_tail = st;
+}
+
+static void
+wc_evict(bus_store *s)
+{
+    store_writer *w = &s->w;
+
+    while (w->n_streams >= s->cfg.stream_cache && w->lru_tail != NULL) {
+        store_stream *st = w->lru_tail, **pp;
+
+        if (st->p_gen == w->gen)
+            return; /* pending in this group: keep (over capacity a while) */
+        wc_lru_unlink(w, st);
+        for (pp = &w->tab[st->hash & (w->tab_size - 1)]; *pp != st;
+             pp = &(*pp)->hnext)
+            ;
+        *pp = st->hnext;
+        w->n_streams--;
+        wc_free(st);
+    }
+}
+
+static int
+wc_get(bus_store *s, const char *name, size_t len, store_stream **out)
+{
+    store_writer *w = &s->w;
+    uint64_t h = store_hash(name, len);
+    store_stream *st;
+    int rv;
+
+    for (st = w->tab[h & (w->tab_size - 1)]; st != NULL; st = st->hnext) {
+        if (st->hash == h && st->len == len &&
+            memcmp(st->name, name, len) == 0) {
+            if (w->lru_head != st) {
+                wc_lru_unlink(w, st);
+                wc_lru_front(w, st);
+            }
+            *out = st;
+            return BUS_OK;
+        }
+    }
+    wc_evict(s);
+    if ((st = bus__zalloc(sizeof(*st) + len + 1)) == NULL)
+        return BUS_ENOMEM;
+    if ((rv = bus__store_load_stream(s, s->ro, name, len, &st->last,
+                                     &st->pol)) != BUS_OK) {
+        bus__free(st, sizeof(*st) + len + 1);
+        return rv;
+    }
+    st->hash = h;
+    st->len = len;
+    memcpy(st->name, name, len);
+    st->hnext = w->tab[h & (w->tab_size - 1)];
+    w->tab[h & (w->tab_size - 1)] = st;
+    wc_lru_front(w, st);
+    w->n_streams++;
+    *out = st;
+    return BUS_OK;
+}
+
+static inline uint64_t
+st_last(const store_writer *w, const store_stream *st)
+{
+    return st->p_gen == w->gen ? st->p_last : st->last;
+}
+
+static inline const store_policy *
+st_pol(const store_writer *w, const store_stream *st)
+{
+    return st->p_gen == w->gen ? &st->p_pol : &st->pol;
+}
+
+static int
+grow(void **p, size_t *cap, size_t need, size_t elem)
+{
+    size_t ncap;
+    void *np;
+
+    if (need <= *cap)
+        return BUS_OK;
+    ncap = *cap ? *cap : 16;
+    while (ncap < need)
+        ncap *= 2;
+    np = bus__realloc(*p, *cap * elem, ncap * elem);
+    if (np == NULL)
+        return BUS_ENOMEM;
+    *p = np;
+    *cap = ncap;
+    return BUS_OK;
+}
+
+/* Records st's pending state so that the current request can undo it, and
+ * starts its pending state for this group. */
+static int
+st_touch(bus_store *s, store_stream *st)
+{
+    store_writer *w = &s->w;
+    store_undo *u;
+    int rv;
+
+    if ((rv = grow((void **)&w->undo, &w->cap_undo, w->n_undo + 1,
+                   sizeof(*w->undo))) != BUS_OK)
+        return rv;
+    if (st->p_gen != w->gen &&
+        (rv = grow((void **)&w->touched, &w->cap_touched, w->n_touched + 1,
+                   sizeof(*w->touched))) != BUS_OK)
+        return rv;
+    u = &w->undo[w->n_undo++];
+    u->st = st;
+    u->p_gen = st->p_gen;
+    u->p_last = st->p_last;
+    u->p_pol = st->p_pol;
+    if (st->p_gen != w->gen) {
+        st->p_gen = w->gen;
+        st->p_last = st->last;
+        st->p_pol = st->pol;
+        w->touched[w->n_touched++] = st;
+    }
+    return BUS_OK;
+}
+
+/* ---- Pending ids of the group -------------------------------------------- */
+
+static store_pid *
+pid_find(store_writer *w, const bus_uuid *id)
+{
+    uint32_t i;
+
+    if (w->pid_tab == NULL)
+        return NULL;
+    i = w->pid_tab[store_hash(id->b, 16) & (w->pid_tab_size - 1)];
+    while (i != 0) {
+        store_pid *p = &w->pids[i - 1];
+        if (memcmp(p->id.b, id->b, 16) == 0)
+            return p;
+        i = p->hnext;
+    }
+    return NULL;
+}
+
+static int
+pid_rehash(store_writer *w, size_t need)
+{
+    size_t n = w->pid_tab_size ? w->pid_tab_size : 256, i;
+    uint32_t *tab;
+
+    if (need * 2 <= w->pid_tab_size)
+        return BUS_OK;
+    while (n < need * 2)
+        n *= 2;
+    if ((tab = bus__zalloc(n * sizeof(*tab))) == NULL)
+        return BUS_ENOMEM;
+    bus__free(w->pid_tab, w->pid_tab_size * sizeof(*w->pid_tab));
+    w->pid_tab = tab;
+    w->pid_tab_size = n;
+    for (i = 0; i < w->n_pids; i++) {
+        size_t b = store_hash(w->pids[i].id.b, 16) & (n - 1);
+        w->pids[i].hnext = tab[b];
+        tab[b] = (uint32_t)(i + 1);
+    }
+    return BUS_OK;
+}
+
+static int
+pid_add(store_writer *w, const bus_uuid *id, store_stream *st, uint64_t ver,
+        uint64_t pos, uint32_t seq)
+{
+    store_pid *p;
+    size_t b;
+    int rv;
+
+    if ((rv = grow((void **)&w->pids, &w->cap_pids, w->n_pids + 1,
+                   sizeof(*w->pids))) != BUS_OK)
+        return rv;
+    if ((rv = pid_rehash(w, w->n_pids + 1)) != BUS_OK)
+        return rv;
+    p = &w->pids[w->n_pids];
+    p->id = *id;
+    p->st = st;
+    p->ver = ver;
+    p->pos = pos;
+    p->req_seq = seq;
+    b = store_hash(id->b, 16) & (w->pid_tab_size - 1);
+    p->hnext = w->pid_tab[b];
+    w->pid_tab[b] = (uint32_t)(w->n_pids + 1);
+    w->n_pids++;
+    return BUS_OK;
+}
+
+/* Removes the most recent entries, back to n (LIFO keeps chains right). */
+static void
+pid_truncate(store_writer *w, size_t n)
+{
+    while (w->n_pids > n) {
+        store_pid *p = &w->pids[w->n_pids - 1];
+        size_t b = store_hash(p->id.b, 16) & (w->pid_tab_size - 1);
+        w->pid_tab[b] = p->hnext;
+        w->n_pids--;
+    }
+}
+
+static void
+pid_clear(store_writer *w)
+{
+    if (w->pid_tab != NULL && w->n_pids > 0)
+        memset(w->pid_tab, 0, w->pid_tab_size * sizeof(*w->pid_tab));
+    w->n_pids = 0;
+}
+
+/* Where an id is stored (committed or pending), if anywhere. */
+typedef struct id_hit {
+    bool found;
+    bool same_req;
+    bool same_stream;
+    uint64_t pos, ver;
+} id_hit;
+
+static int
+id_lookup(bus_store *s, const bus_uuid *id, uint32_t seq,
+          const bus_uuid *run_max, const char *stream, size_t slen, id_hit *h)
+{
+    store_writer *w = &s->w;
+    store_pid *p;
+    char *v, *err = NULL;
+    size_t vlen;
+
+    memset(h, 0, sizeof(*h));
+    /* Nothing stored or pending is greater than run_max: a fresh UUIDv7
+     * (the usual case) needs no lookup at all. */
+    if (memcmp(id->b, run_max->b, 16) > 0)
+        return BUS_OK;
+    if ((p = pid_find(w, id)) != NULL) {
+        h->found = true;
+        h->same_req = p->req_seq == seq;
+        h->same_stream =
+            p->st->len == slen && memcmp(p->st->name, stream, slen) == 0;
+        h->pos = p->pos;
+        h->ver = p->ver;
+        return BUS_OK;
+    }
+    v = rocksdb_get_cf(s->db, s->ro, s->cf[CF_IDS], (const char *)id->b, 16,
+                       &vlen, &err);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read event id index");
+    if (v == NULL)
+        return BUS_OK;
+    if (vlen < 16) {
+        rocksdb_free(v);
+        bus__store_logf(s, BUS_LOG_ERR, "corrupt id index record");
+        return BUS_ECORRUPT;
+    }
+    h->found = true;
+    h->pos = store_get_be64(v);
+    h->ver = store_get_be64(v + 8);
+    h->same_stream = vlen - 16 == slen && memcmp(v + 16, stream, slen) == 0;
+    rocksdb_free(v);
+    return BUS_OK;
+}
+
+/* ---- Processing a request ------------------------------------------------ */
+
+/* What the expected version allows, given the stream's state. */
+static int
+check_expected(uint64_t expected, uint64_t last, const store_policy *pol)
+{
+    bool deleted = (pol->flags & STORE_F_DELETED) != 0;
+
+    if (pol->flags & STORE_F_TOMBSTONE)
+        return BUS_EDELETED;
+    switch (expected) {
+    case BUS_STORE_ANY:
+        return BUS_OK;
+    case BUS_STORE_NO_STREAM:
+        return (last == 0 || deleted) ? BUS_OK : BUS_ECONFLICT;
+    case BUS_STORE_EXISTS:
+        return (last > 0 && !deleted) ? BUS_OK : BUS_ECONFLICT;
+    default:
+        /* A soft-deleted stream is re-created with NO_STREAM or ANY only:
+         * a writer holding an old version must learn of the delete. */
+        return (!deleted && last == expected) ? BUS_OK : BUS_ECONFLICT;
+    }
+}
+
+/* An event as it is stored: the caller's event with the stream, version
+ * and position the store gives it. A view (no copy of strings, headers or
+ * payload), built field by field because the caller's event may be shared
+ * (its reference count changes under us). */
+static void
+event_view(struct bus_event *v, const bus_event *e, const char *stream,
+           size_t slen, uint64_t ver, uint64_t pos)
+{
+    memset(v, 0, sizeof(*v));
+    v->id = e->id;
+    v->type = e->type;
+    v->type_len = e->type_len;
+    v->schema_version = e->schema_version;
+    v->stream = stream;
+    v->stream_len = (uint32_t)slen;
+    v->stream_version = ver;
+    v->position = pos;
+    v->timestamp = e->timestamp;
+    v->n_headers = e->n_headers;
+    v->headers = e->headers;
+    v->payload = e->payload;
+    v->payload_len = e->payload_len;
+}
+
+typedef struct req_ctx {
+    uint32_t seq;
+    size_t nev;       /* events encoded so far in this request */
+    size_t bytes;     /* encoded bytes of this request */
+    bus_uuid run_max; /* no id stored or pending is greater */
+} req_ctx;
+
+static int
+enc_event(bus_store *s, req_ctx *rc, const bus_event *e, const char *stream,
+          size_t slen, uint64_t ver, uint64_t pos)
+{
+    store_writer *w = &s->w;
+    struct bus_event v;
+    size_t need, written;
+    int rv;
+
+    event_view(&v, e, stream, slen, ver, pos);
+    if (v.type_len == 0)
+        return BUS_EINVAL;
+    need = bus_codec_encoded_size(&v);
+    if (need > s->cfg.max_event_bytes)
+        return BUS_ETOOBIG;
+    if (rc->bytes + need > s->cfg.max_append_bytes)
+        return BUS_ETOOBIG;
+    if ((rv = bus__store_buf_reserve(&w->enc, need)) != BUS_OK)
+        return rv;
+    if ((rv = bus_codec_encode(&v, w->enc.p + w->enc.len, need, &written)) !=
+        BUS_OK)
+        return rv;
+    w->enc_off[rc->nev++] = w->enc.len;
+    w->enc.len += written;
+    rc->bytes += written;
+    return BUS_OK;
+}
+
+/* Checks one part (idempotence, expected version), gives versions and
+ * positions, encodes the events. Sets part->res. */
+static int
+do_part(bus_store *s, req_ctx *rc, store_part *pt)
+{
+    store_writer *w = &s->w;
+    bus_store_append_result *res = &pt->res;
+    store_stream *st;
+    uint64_t last, first_pos = 0, ver0 = 0;
+    const store_policy *pol;
+    size_t j, nfound = 0;
+    bool dup_ok = true;
+    bus_uuid part_max;
+    int rv;
+
+    memset(res, 0, sizeof(*res));
+    if ((rv = wc_get(s, pt->stream, pt->slen, &st)) != BUS_OK)
+        return rv;
+    last = st_last(w, st);
+    pol = st_pol(w, st);
+    res->current_version = last;
+
+    /* Idempotence: look every id up before anything changes. */
+    memset(part_max.b, 0, 16);
+    for (j = 0; j < pt->n; j++) {
+        const bus_uuid *id = &pt->events[j]->id;
+        id_hit h;
+
+        if (memcmp(id->b, part_max.b, 16) > 0) {
+            part_max = *id;
+        } else {
+            size_t i;
+            for (i = 0; i < j; i++)
+                if (memcmp(pt->events[i]->id.b, id->b, 16) == 0)
+                    return BUS_EINVAL; /* same id twice in one append */
+        }
+        if ((rv = id_lookup(s, id, rc->seq, &rc->run_max, pt->stream, pt->slen,
+                            &h)) != BUS_OK)
+            return rv;
+        if (!h.found)
+            continue;
+        if (h.same_req)
+            return BUS_EINVAL; /* same id in two parts of one request */
+        if (nfound == 0) {
+            ver0 = h.ver;
+            first_pos = h.pos;
+        }
+        if (nfound != j || !h.same_stream || h.ver != ver0 + j)
+            dup_ok = false;
+        nfound++;
+        res->last_position = h.pos;
+    }
+    if (nfound > 0) {
+        if (nfound != pt->n || !dup_ok)
+            return BUS_EEXIST;
+        if (pt->expected != BUS_STORE_ANY &&
+            pt->expected != BUS_STORE_NO_STREAM &&
+            pt->expected != BUS_STORE_EXISTS && pt->expected + 1 != ver0) {
+            atomic_fetch_add_explicit(&s->st_conflicts, 1,
+                                      memory_order_relaxed);
+            return BUS_ECONFLICT;
+        }
+        res->duplicate = true;
+        res->first_version = ver0;
+        res->last_version = ver0 + pt->n - 1;
+        res->first_position = first_pos;
+        atomic_fetch_add_explicit(&s->st_dups, 1, memory_order_relaxed);
+        return BUS_OK;
+    }
+
+    if ((rv = check_expected(pt->expected, last, pol)) != BUS_OK) {
+        if (rv == BUS_ECONFLICT)
+            atomic_fetch_add_explicit(&s->st_conflicts, 1,
+                                      memory_order_relaxed);
+        return rv;
+    }
+    if (pt->n == 0)
+        return BUS_OK;
+    if ((rv = st_touch(s, st)) != BUS_OK)
+        return rv;
+    for (j = 0; j < pt->n; j++) {
+        const bus_event *e = pt->events[j];
+        uint64_t pos = w->next_pos + j, ver = last + 1 + j;
+
+        if ((rv = enc_event(s, rc, e, pt->stream, pt->slen, ver, pos)) !=
+            BUS_OK)
+            return rv;
+        if ((rv = pid_add(w, &e->id, st, ver, pos, rc->seq)) != BUS_OK)
+            return rv;
+        if (memcmp(e->id.b, rc->run_max.b, 16) > 0)
+            rc->run_max = e->id;
+    }
+    st->p_last = last + pt->n;
+    st->p_pol.flags &= (uint8_t)~STORE_F_DELETED; /* re-created */
+    res->first_version = last + 1;
+    res->last_version = last + pt->n;
+    res->first_position = w->next_pos;
+    res->last_position = w->next_pos + pt->n - 1;
+    res->current_version = last + pt->n;
+    w->next_pos += pt->n;
+    return BUS_OK;
+}
+
+/* Puts a checked part's records into the batch; *ev indexes w->enc_off,
+ * which ends with a sentinel. */
+static void
+emit_part(bus_store *s, const store_part *pt, size_t *ev)
+{
+    store_writer *w = &s->w;
+    uint8_t k[STORE_KEY_BUF], idv[STORE_KEY_BUF], pk[8], run[STORE_RUN_LEN];
+    size_t j, klen;
+
+    if (pt->res.duplicate || pt->n == 0)
+        return;
+    memcpy(idv + 16, pt->stream, pt->slen);
+    /* One index entry for the whole run. */
+    klen = store_key_stream(k, pt->stream, pt->slen, pt->res.first_version);
+    store_run_encode(run, pt->res.first_position, (uint32_t)pt->n);
+    rocksdb_writebatch_put_cf(w->wb, s->cf[CF_STREAMS], (const char *)k, klen,
+                              (const char *)run, sizeof(run));
+    for (j = 0; j < pt->n; j++, (*ev)++) {
+        uint64_t pos = pt->res.first_position + j;
+        uint64_t ver = pt->res.first_version + j;
+        size_t off = w->enc_off[*ev];
+        size_t end = w->enc_off[*ev + 1];
+
+        store_put_be64(pk, pos);
+        rocksdb_writebatch_put_cf(w->wb, s->cf[CF_LOG], (const char *)pk, 8,
+                                  (const char *)w->enc.p + off, end - off);
+        store_put_be64(idv, pos);
+        store_put_be64(idv + 8, ver);
+        rocksdb_writebatch_put_cf(w->wb, s->cf[CF_IDS],
+                                  (const char *)pt->events[j]->id.b, 16,
+                                  (const char *)idv, 16 + pt->slen);
+    }
+}
+
+void
+bus__store_emit_ops(bus_store *s, rocksdb_writebatch_t *wb, const store_op *ops,
+                    size_t nops, const uint8_t *bytes)
+{
+    size_t i;
+
+    for (i = 0; i < nops; i++) {
+        const store_op *o = &ops[i];
+        if (o->del)
+            rocksdb_writebatch_delete_cf(
+                wb, s->cf[o->cf], (const char *)bytes + o->koff, o->klen);
+        else
+            rocksdb_writebatch_put_cf(wb, s->cf[o->cf],
+                                      (const char *)bytes + o->koff, o->klen,
+                                      (const char *)bytes + o->voff, o->vlen);
+    }
+}
+
+static int
+do_write(bus_store *s, store_req *r, req_ctx *rc)
+{
+    store_writer *w = &s->w;
+    size_t i, ev = 0, total = 0;
+    int rv;
+
+    for (i = 0; i < r->nparts; i++)
+        total += r->parts[i].n;
+    if ((rv = grow((void **)&w->enc_off, &w->enc_cap, total + 1,
+                   sizeof(*w->enc_off))) != BUS_OK)
+        return rv;
+    w->enc.len = 0;
+    for (i = 0; i < r->nparts; i++) {
+        if ((rv = do_part(s, rc, &r->parts[i])) != BUS_OK) {
+            size_t j;
+            r->parts[i].res.err = rv;
+            for (j = 0; j < r->nparts; j++)
+                if (j != i) {
+                    memset(&r->parts[j].res, 0, sizeof(r->parts[j].res));
+                    r->parts[j].res.err = BUS_ECANCELED;
+                }
+            return rv;
+        }
+    }
+    /* Everything checked and encoded: now the batch. */
+    w->enc_off[rc->nev] = w->enc.len;
+    for (i = 0; i < r->nparts; i++)
+        emit_part(s, &r->parts[i], &ev);
+    bus__store_emit_ops(s, w->wb, r->ops, r->nops, r->opbytes);
+    return BUS_OK;
+}
+
+static int
+do_meta(bus_store *s, store_req *r)
+{
+    store_writer *w = &s->w;
+    store_part *pt = &r->parts[0];
+    store_stream *st;
+    const store_policy *pol;
+    uint64_t last;
+    int rv;
+
+    memset(&pt->res, 0, sizeof(pt->res));
+    if ((rv = wc_get(s, pt->stream, pt->slen, &st)) != BUS_OK)
+        return rv;
+    last = st_last(w, st);
+    pol = st_pol(w, st);
+    pt->res.current_version = last;
+    if (pol->flags & STORE_F_TOMBSTONE)
+        return BUS_EDELETED;
+    if (r->kind == REQ_DELETE) {
+        if ((rv = check_expected(pt->expected, last, pol)) != BUS_OK)
+            return rv;
+        if (!r->hard && (last == 0 || (pol->flags & STORE_F_DELETED)))
+            return BUS_ENOTFOUND;
+    }
+    if ((rv = st_touch(s, st)) != BUS_OK)
+        return rv;
+    if (r->kind == REQ_META) {
+        st->p_pol.max_count = r->meta.max_count;
+        st->p_pol.max_age_ms = r->meta.max_age_ms;
+        if (r->meta.truncate_before > st->p_pol.truncate_before)
+            st->p_pol.truncate_before = r->meta.truncate_before;
+    } else if (r->hard) {
+        st->p_pol.flags |= STORE_F_TOMBSTONE;
+    } else {
+        st->p_pol.flags |= STORE_F_DELETED;
+        if (last + 1 > st->p_pol.truncate_before)
+            st->p_pol.truncate_before = last + 1;
+    }
+    return BUS_OK;
+}
+
+static void
+undo_request(store_writer *w, size_t n_touched0, size_t n_pids0,
+             uint64_t next_pos0)
+{
+    while (w->n_undo > 0) {
+        store_undo *u = &w->undo[--w->n_undo];
+        u->st->p_gen = u->p_gen;
+        u->st->p_last = u->p_last;
+        u->st->p_pol = u->p_pol;
+    }
+    w->n_touched = n_touched0;
+    pid_truncate(w, n_pids0);
+    w->next_pos = next_pos0;
+}
+
+/* Processes and writes one group. @thread leader, no lock held. */
+static void
+write_group(bus_store *s, store_req *g)
+{
+    store_writer *w = &s->w;
+    store_req *r;
+    req_ctx rc;
+    uint32_t seq = 0;
+    size_t i, n_ok = 0;
+    bool sync = s->cfg.durability != BUS_STORE_NONE, pol_changed = false;
+    uint64_t head0 = atomic_load_explicit(&s->head, memory_order_relaxed);
+    char *err = NULL;
+    int rv;
+
+    w->gen++;
+    w->n_touched = 0;
+    pid_clear(w);
+    w->next_pos = head0 + 1;
+    rocksdb_writebatch_clear(w->wb);
+    memset(&rc, 0, sizeof(rc));
+    rc.run_max = w->max_id;
+
+    for (r = g; r != NULL; r = r->next) {
+        size_t nt0 = w->n_touched, np0 = w->n_pids;
+        uint64_t pos0 = w->next_pos;
+        bus_uuid max0 = rc.run_max;
+
+        rc.seq = ++seq;
+        rc.nev = 0;
+        rc.bytes = 0;
+        w->n_undo = 0;
+        if (r->kind == REQ_WRITE)
+            rv = do_write(s, r, &rc);
+        else
+            rv = do_meta(s, r);
+        if (rv != BUS_OK) {
+            undo_request(w, nt0, np0, pos0);
+            rc.run_max = max0;
+        } else {
+            n_ok++;
+        }
+        r->rv = rv;
+    }
+    if (n_ok == 0)
+        return;
+
+    /* Policy records, once per touched stream whose policy changed. */
+    for (i = 0; i < w->n_touched; i++) {
+        store_stream *st = w->touched[i];
+        uint8_t k[STORE_KEY_BUF], v[STORE_POLICY_REC_LEN];
+        size_t klen;
+
+        if (!store_policy_eq(&st->p_pol, &st->pol)) {
+            klen = store_key_meta(k, 'm', st->name, st->len);
+            if (store_policy_is_default(&st->p_pol)) {
+                rocksdb_writebatch_delete_cf(w->wb, s->cf[CF_META],
+                                             (const char *)k, klen);
+            } else {
+                bus__store_policy_encode(v, &st->p_pol);
+                rocksdb_writebatch_put_cf(w->wb, s->cf[CF_META],
+                                          (const char *)k, klen,
+                                          (const char *)v, sizeof(v));
+            }
+        }
+    }
+
+    rv = BUS_FAILPOINT("store.write");
+    if (rv == 0) {
+        rocksdb_write(s->db, sync ? s->wo_sync : s->wo, w->wb, &err);
+        if (err != NULL)
+            rv = bus__store_rdb_err(s, err, "group write");
+    }
+    if (rv != 0) {
+        for (r = g; r != NULL; r = r->next) {
+            if (r->rv != BUS_OK)
+                continue;
+            r->rv = rv;
+            for (i = 0; i < r->nparts; i++) {
+                memset(&r->parts[i].res, 0, sizeof(r->parts[i].res));
+                r->parts[i].res.err = rv;
+            }
+        }
+        w->gen++; /* drop every pending value */
+        return;
+    }
+
+    /* Written: pending becomes committed. */
+    for (i = 0; i < w->n_touched; i++) {
+        store_stream *st = w->touched[i];
+        st->last = st->p_last;
+        if (!store_policy_eq(&st->p_pol, &st->pol)) {
+            st->pol = st->p_pol;
+            bus__store_pol_set(s, st->name, st->len, &st->pol);
+            pol_changed = true;
+        }
+    }
+    w->max_id = rc.run_max;
+    atomic_fetch_add_explicit(&s->st_groups, 1, memory_order_relaxed);
+    if (sync)
+        atomic_fetch_add_explicit(&s->st_syncs, 1, memory_order_relaxed);
+    if (w->next_pos - 1 != head0) {
+        atomic_fetch_add_explicit(&s->st_events, w->next_pos - 1 - head0,
+                                  memory_order_relaxed);
+        /* release: the records written above happen-before any reader that
+         * acquires this head. Stored under ev_mtx so a waiter cannot miss
+         * the change between its check and its wait. */
+        bus__mutex_lock(&s->ev_mtx);
+        atomic_store_explicit(&s->head, w->next_pos - 1, memory_order_release);
+        bus__cond_broadcast(&s->ev_cond);
+        bus__mutex_unlock(&s->ev_mtx);
+    } else if (pol_changed) {
+        bus__store_notify(s);
+    }
+    for (r = g; r != NULL; r = r->next)
+        if (r->rv == BUS_OK)
+            for (i = 0; i < r->nparts; i++)
+                if (!r->parts[i].res.duplicate && r->parts[i].res.err == 0 &&
+                    r->kind == REQ_WRITE)
+                    atomic_fetch_add_explicit(&s->st_appends, 1,
+                                              memory_order_relaxed);
+}
+
+int
+bus__store_submit(bus_store *s, store_req *r)
+{
+    store_req *g, *q, *last;
+    size_t cost, n;
+
+    r->next = NULL;
+    r->done = false;
+    r->leader = false;
+    r->has_cond = false;
+    r->rv = BUS_OK;
+
+    bus__mutex_lock(&s->wq_mtx);
+    if (atomic_load_explicit(&s->closing, memory_order_acquire)) {
+        bus__mutex_unlock(&s->wq_mtx);
+        return BUS_ECLOSED;
+    }
+    if (s->wq_tail != NULL)
+        s->wq_tail->next = r;
+    else
+        s->wq_head = r;
+    s->wq_tail = r;
+    s->inflight++;
+    if (!s->leader_busy) {
+        s->leader_busy = true;
+        r->leader = true;
+    } else {
+        bus__cond_init(&r->cond);
+        r->has_cond = true;
+        while (!r->done && !r->leader)
+            bus__cond_wait(&r->cond, &s->wq_mtx);
+    }
+    if (!r->done) {
+        /* Leader: r is the queue head. Detach a group. */
+        g = s->wq_head;
+        last = g;
+        cost = g->cost;
+        n = 1;
+        while (last->next != NULL &&
+               cost + last->next->cost <= s->cfg.max_group_bytes) {
+            last = last->next;
+            cost += last->cost;
+            n++;
+        }
+        s->wq_head = last->next;
+        if (s->wq_head == NULL)
+            s->wq_tail = NULL;
+        last->next = NULL;
+        bus__mutex_unlock(&s->wq_mtx);
+
+        write_group(s, g);
+
+        bus__mutex_lock(&s->wq_mtx);
+        for (q = g; q != NULL;) {
+            store_req *nx = q->next;
+            q->done = true;
+            /* Signalled under wq_mtx: the waiter cannot return (and free
+             * its request) before we unlock, and we do not touch q after
+             * that. */
+            if (q != r && q->has_cond)
+                bus__cond_signal(&q->cond);
+            q = nx;
+        }
+        s->inflight -= (uint32_t)n;
+        if (s->wq_head != NULL) {
+            s->wq_head->leader = true;
+            bus__cond_signal(&s->wq_head->cond);
+        } else {
+            s->leader_busy = false;
+        }
+        if (s->inflight == 0)
+            bus__cond_broadcast(&s->wq_idle);
+    }
+    bus__mutex_unlock(&s->wq_mtx);
+    if (r->has_cond)
+        bus__cond_fini(&r->cond);
+    return r->rv;
+}
+
+/* ---- Public appends ------------------------------------------------------ */
+
+/* Checks what can be checked on the caller's thread; sets cost. */
+static int
+check_parts(bus_store *s, store_part *parts, size_t n, size_t *cost)
+{
+    size_t i, j, nev = 0, c = 0;
+
+    for (i = 0; i < n; i++) {
+        store_part *pt = &parts[i];
+        if (!bus__store_name_ok(pt->stream, &pt->slen, STORE_MAX_STREAM))
+            return BUS_EINVAL;
+        if (pt->n > 0 && pt->events == NULL)
+            return BUS_EINVAL;
+        nev += pt->n;
+        if (nev > s->cfg.max_append_events)
+            return BUS_ETOOBIG;
+        for (j = 0; j < pt->n; j++) {
+            const bus_event *e = pt->events[j];
+            if (e == NULL || e->type_len == 0)
+                return BUS_EINVAL;
+            c += e->payload_len + e->type_len + pt->slen + 64;
+            for (size_t h = 0; h < e->n_headers; h++)
+                c += e->headers[h].klen + e->headers[h].vlen + 4;
+        }
+    }
+    if (c > s->cfg.max_append_bytes)
+        return BUS_ETOOBIG;
+    *cost = c + 64;
+    return BUS_OK;
+}
+
+int
+bus_store_append(bus_store *s, const char *stream, uint64_t expected_version,
+                 bus_event *const *events, size_t n,
+                 bus_store_append_result *res)
+{
+    store_part pt;
+    store_req r;
+    int rv;
+
+    if (res != NULL)
+        memset(res, 0, sizeof(*res));
+    if (s == NULL)
+        return BUS_EINVAL;
+    memset(&pt, 0, sizeof(pt));
+    memset(&r, 0, sizeof(r));
+    pt.stream = stream;
+    pt.expected = expected_version;
+    pt.events = events;
+    pt.n = n;
+    if ((rv = check_parts(s, &pt, 1, &r.cost)) != BUS_OK)
+        goto out;
+    r.kind = REQ_WRITE;
+    r.parts = &pt;
+    r.nparts = 1;
+    rv = bus__store_submit(s, &r);
+out:
+    if (res != NULL) {
+        *res = pt.res;
+        res->err = rv;
+    }
+    return rv;
+}
+
+int
+bus_store_append_multi(bus_store *s, const bus_store_append_req *reqs, size_t n,
+                       bus_store_append_result *results)
+{
+    store_part local[8], *parts = local;
+    store_req r;
+    size_t i;
+    int rv;
+
+    if (results != NULL)
+        memset(results, 0, n * sizeof(*results));
+    if (s == NULL || (n > 0 && reqs == NULL))
+        return BUS_EINVAL;
+    if (n == 0)
+        return BUS_OK;
+    if (n > 8 && (parts = bus__zalloc(n * sizeof(*parts))) == NULL)
+        return BUS_ENOMEM;
+    if (n <= 8)
+        memset(local, 0, sizeof(local));
+    for (i = 0; i < n; i++) {
+        parts[i].stream = reqs[i].stream;
+        parts[i].expected = reqs[i].expected_version;
+        parts[i].events = reqs[i].events;
+        parts[i].n = reqs[i].n_events;
+    }
+    memset(&r, 0, sizeof(r));
+    if ((rv = check_parts(s, parts, n, &r.cost)) == BUS_OK) {
+        r.kind = REQ_WRITE;
+        r.parts = parts;
+        r.nparts = n;
+        rv = bus__store_submit(s, &r);
+    } else {
+        for (i = 0; i < n; i++)
+            parts[i].res.err = rv;
+    }
+    if (results != NULL)
+        for (i = 0; i < n; i++) {
+            results[i] = parts[i].res;
+            if (rv != BUS_OK && results[i].err == BUS_OK)
+                results[i].err = rv;
+        }
+    if (parts != local)
+        bus__free(parts, n * sizeof(*parts));
+    return rv;
+}
+
+/* ---- Metadata and deletes ------------------------------------------------ */
+
+static int
+submit_meta(bus_store *s, store_req_kind kind, const char *stream,
+            uint64_t expected, const bus_store_stream_meta *meta, bool hard)
+{
+    store_part pt;
+    store_req r;
+    int rv;
+
+    if (s == NULL)
+        return BUS_EINVAL;
+    memset(&pt, 0, sizeof(pt));
+    memset(&r, 0, sizeof(r));
+    if (!bus__store_name_ok(stream, &pt.slen, STORE_MAX_STREAM))
+        return BUS_EINVAL;
+    pt.stream = stream;
+    pt.expected = expected;
+    r.kind = kind;
+    r.parts = &pt;
+    r.nparts = 1;
+    r.hard = hard;
+    r.cost = 64;
+    if (meta != NULL)
+        r.meta = *meta;
+    /* meta_mtx: a scavenge decides what to remove from the policies; a
+     * change must not slip between its decision and its write. */
+    bus__mutex_lock(&s->meta_mtx);
+    rv = bus__store_submit(s, &r);
+    bus__mutex_unlock(&s->meta_mtx);
+    return rv;
+}
+
+int
+bus_store_stream_set_meta(bus_store *s, const char *stream,
+                          const bus_store_stream_meta *meta)
+{
+    if (meta == NULL)
+        return BUS_EINVAL;
+    return submit_meta(s, REQ_META, stream, BUS_STORE_ANY, meta, false);
+}
+
+int
+bus_store_stream_delete(bus_store *s, const char *stream,
+                        uint64_t expected_version, bool hard)
+{
+    return submit_meta(s, REQ_DELETE, stream, expected_version, NULL, hard);
+}
