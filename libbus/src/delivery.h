@@ -18,6 +18,11 @@ struct bus_delivery {
     int err_code;
     char err_msg[BUS_DELIVERY_MSG_MAX];
     void *owner; /* the caller's own context (subscription, projector) */
+    /* Pipeline state (middleware.h flags; policy.c). */
+    uint32_t flags;
+    uint32_t retries;        /* in-place retries during this delivery */
+    uint64_t first_fail_ns;  /* policy clock; 0: no failure yet */
+    int64_t first_fail_wall; /* ns since the epoch, for DLQ headers */
 };
 
 /* Prepares d for one call: clears the error. */
@@ -34,6 +39,10 @@ bus__delivery_init(bus_delivery *d, bus_event *ev, const char *topic,
     d->err_code = 0;
     d->err_msg[0] = '\0';
     d->owner = owner;
+    d->flags = 0;
+    d->retries = 0;
+    d->first_fail_ns = 0;
+    d->first_fail_wall = 0;
 }
 
 #endif

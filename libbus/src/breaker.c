@@ -1,0 +1,473 @@
+/*
+ * Circuit breaker (breaker.h).
+ *
+ * Design: the state is an atomic read without a lock on every call, so the
+ * CLOSED path of allow() is one relaxed load. Counters are relaxed
+ * atomics. The rolling window is BREAKER_BUCKETS buckets of window/10 each,
+ * tagged with their epoch (time / bucket width); a bucket from an older
+ * epoch is reset by the first recorder that sees it. Two recorders racing
+ * on a reset may lose a count: the window is approximate by design (it
+ * decides a threshold, it is not a statistic).
+ *
+ * Transitions (CLOSED->OPEN, OPEN->HALF_OPEN, HALF_OPEN->CLOSED/OPEN) and
+ * the probe accounting happen under b->mtx and are re-checked there. The
+ * state is stored with release after the fields it publishes (opened_at),
+ * and read with acquire where those fields are then used.
+ *
+ * Registry lock order: registry mutex, then a breaker's mutex (snapshot
+ * takes only the registry's; stats read atomics).
+ */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <bus/breaker.h>
+#include <bus/err.h>
+
+#include "alloc.h"
+#include "platform.h"
+
+#define BREAKER_BUCKETS 10
+
+typedef struct breaker_bucket {
+    _Atomic uint64_t epoch;
+    _Atomic uint32_t calls;
+    _Atomic uint32_t fails;
+} breaker_bucket;
+
+struct bus_breaker {
+    _Alignas(BUS_CACHELINE) _Atomic int state;
+    _Atomic uint32_t consecutive;
+    _Atomic uint64_t calls;
+    _Atomic uint64_t failures;
+    _Atomic uint64_t rejections;
+    _Atomic uint64_t opened;
+    _Atomic uint64_t opened_at; /* ns, valid when OPEN */
+    bus__mutex mtx;
+    uint32_t probes_in_flight; /* @locks mtx */
+    uint32_t probe_successes;  /* @locks mtx */
+    bus_breaker_config cfg;
+    uint64_t bucket_ns;
+    bool rate_rule;
+    breaker_bucket buckets[BREAKER_BUCKETS];
+    char name[128];
+    bus_breaker_registry *reg; /* set when owned by a registry */
+    bus_breaker *reg_next;
+};
+
+struct bus_breaker_registry {
+    bus__mutex mtx;
+    bus_breaker *head, *tail;
+    bus_breaker_state_fn on_state;
+    void *opaque;
+    _Atomic size_t not_closed;
+};
+
+void
+bus_breaker_config_init(bus_breaker_config *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->size = sizeof(*cfg);
+    cfg->name = "breaker";
+    cfg->failure_threshold = 5;
+    cfg->failure_rate = 0.5;
+    cfg->min_calls = 20;
+    cfg->window_ms = 10000;
+    cfg->open_ms = 30000;
+    cfg->half_open_probes = 1;
+    cfg->close_successes = 1;
+}
+
+static void
+breaker_fill_defaults(bus_breaker_config *c, const bus_breaker_config *in)
+{
+    bus_breaker_config d;
+
+    bus_breaker_config_init(&d);
+    if (in == NULL) {
+        *c = d;
+        return;
+    }
+    *c = *in;
+#define DEF(f) if (c->f == 0) c->f = d.f
+    DEF(failure_threshold);
+    DEF(min_calls);
+    DEF(window_ms);
+    DEF(open_ms);
+    DEF(half_open_probes);
+    DEF(close_successes);
+#undef DEF
+    if (c->failure_rate == 0)
+        c->failure_rate = d.failure_rate;
+    if (c->name == NULL || c->name[0] == '\0')
+        c->name = d.name;
+}
+
+int
+bus_breaker_new(bus_breaker **out, const bus_breaker_config *cfg)
+{
+    bus_breaker *b;
+
+    *out = NULL;
+    if (cfg != NULL && cfg->failure_rate < 0)
+        return BUS_EINVAL;
+    if ((b = bus__zalloc(sizeof(*b))) == NULL)
+        return BUS_ENOMEM;
+    breaker_fill_defaults(&b->cfg, cfg);
+    snprintf(b->name, sizeof(b->name), "%s", b->cfg.name);
+    b->cfg.name = b->name;
+    b->bucket_ns = (uint64_t)b->cfg.window_ms * 1000000u / BREAKER_BUCKETS;
+    if (b->bucket_ns == 0)
+        b->bucket_ns = 1;
+    b->rate_rule = b->cfg.failure_rate <= 1.0;
+    bus__mutex_init(&b->mtx);
+    atomic_init(&b->state, BUS_BREAKER_CLOSED);
+    *out = b;
+    return BUS_OK;
+}
+
+void
+bus_breaker_free(bus_breaker *b)
+{
+    if (b == NULL)
+        return;
+    bus__mutex_fini(&b->mtx);
+    bus__free(b, sizeof(*b));
+}
+
+const char *
+bus_breaker_name(const bus_breaker *b)
+{
+    return b->name;
+}
+
+const char *
+bus_breaker_state_name(bus_breaker_state st)
+{
+    switch (st) {
+    case BUS_BREAKER_CLOSED: return "closed";
+    case BUS_BREAKER_OPEN: return "open";
+    case BUS_BREAKER_HALF_OPEN: return "half_open";
+    }
+    return "?";
+}
+
+bus_breaker_state
+bus_breaker_state_get(const bus_breaker *b)
+{
+    return (bus_breaker_state)atomic_load_explicit(
+        &((bus_breaker *)b)->state, memory_order_acquire);
+}
+
+/* Runs the callbacks of one transition; no lock held. */
+static void
+breaker_notify(bus_breaker *b, int from, int to)
+{
+    bus_breaker_registry *r = b->reg;
+
+    if (r != NULL) {
+        if (from == BUS_BREAKER_CLOSED)
+            atomic_fetch_add_explicit(&r->not_closed, 1, memory_order_relaxed);
+        else if (to == BUS_BREAKER_CLOSED)
+            atomic_fetch_sub_explicit(&r->not_closed, 1, memory_order_relaxed);
+    }
+    if (b->cfg.on_state != NULL)
+        b->cfg.on_state(b->cfg.on_state_opaque, b, (bus_breaker_state)from,
+                        (bus_breaker_state)to);
+    if (r != NULL && r->on_state != NULL)
+        r->on_state(r->opaque, b, (bus_breaker_state)from,
+                    (bus_breaker_state)to);
+}
+
+/* @locks b->mtx held. */
+static void
+breaker_set_locked(bus_breaker *b, int to, uint64_t now)
+{
+    if (to == BUS_BREAKER_OPEN) {
+        atomic_store_explicit(&b->opened_at, now, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->opened, 1, memory_order_relaxed);
+    }
+    if (to == BUS_BREAKER_CLOSED) {
+        for (size_t i = 0; i < BREAKER_BUCKETS; i++) {
+            atomic_store_explicit(&b->buckets[i].calls, 0,
+                                  memory_order_relaxed);
+            atomic_store_explicit(&b->buckets[i].fails, 0,
+                                  memory_order_relaxed);
+        }
+        atomic_store_explicit(&b->consecutive, 0, memory_order_relaxed);
+    }
+    b->probes_in_flight = 0;
+    b->probe_successes = 0;
+    /* release: opened_at and the resets happen-before readers of state */
+    atomic_store_explicit(&b->state, to, memory_order_release);
+}
+
+bool
+bus_breaker_allow(bus_breaker *b)
+{
+    int st = atomic_load_explicit(&b->state, memory_order_relaxed);
+    int from = -1;
+    bool ok = false;
+
+    if (__builtin_expect(st == BUS_BREAKER_CLOSED, 1))
+        return true;
+    uint64_t now = bus_clock_now(&b->cfg.clock);
+    bus__mutex_lock(&b->mtx);
+    st = atomic_load_explicit(&b->state, memory_order_relaxed);
+    if (st == BUS_BREAKER_CLOSED) {
+        ok = true;
+    } else if (st == BUS_BREAKER_OPEN) {
+        uint64_t at = atomic_load_explicit(&b->opened_at, memory_order_relaxed);
+        if (now - at >= (uint64_t)b->cfg.open_ms * 1000000u) {
+            breaker_set_locked(b, BUS_BREAKER_HALF_OPEN, now);
+            from = BUS_BREAKER_OPEN;
+            b->probes_in_flight = 1;
+            ok = true;
+        }
+    } else if (b->probes_in_flight < b->cfg.half_open_probes) {
+        b->probes_in_flight++;
+        ok = true;
+    }
+    bus__mutex_unlock(&b->mtx);
+    if (from >= 0)
+        breaker_notify(b, from, BUS_BREAKER_HALF_OPEN);
+    if (!ok)
+        atomic_fetch_add_explicit(&b->rejections, 1, memory_order_relaxed);
+    return ok;
+}
+
+/* Adds the outcome to the window; returns true when the rate rule says
+ * open. */
+static bool
+breaker_window_add(bus_breaker *b, bool success, uint64_t now)
+{
+    uint64_t epoch = now / b->bucket_ns;
+    breaker_bucket *bk = &b->buckets[epoch % BREAKER_BUCKETS];
+    uint64_t e = atomic_load_explicit(&bk->epoch, memory_order_relaxed);
+    uint64_t calls = 0, fails = 0;
+
+    if (e != epoch
+        && atomic_compare_exchange_strong_explicit(
+            &bk->epoch, &e, epoch, memory_order_relaxed,
+            memory_order_relaxed)) {
+        atomic_store_explicit(&bk->calls, 0, memory_order_relaxed);
+        atomic_store_explicit(&bk->fails, 0, memory_order_relaxed);
+    }
+    atomic_fetch_add_explicit(&bk->calls, 1, memory_order_relaxed);
+    if (success)
+        return false;
+    atomic_fetch_add_explicit(&bk->fails, 1, memory_order_relaxed);
+    for (size_t i = 0; i < BREAKER_BUCKETS; i++) {
+        breaker_bucket *x = &b->buckets[i];
+        uint64_t xe = atomic_load_explicit(&x->epoch, memory_order_relaxed);
+        if (xe + BREAKER_BUCKETS <= epoch || xe > epoch)
+            continue; /* outside the window */
+        calls += atomic_load_explicit(&x->calls, memory_order_relaxed);
+        fails += atomic_load_explicit(&x->fails, memory_order_relaxed);
+    }
+    return calls >= b->cfg.min_calls
+        && (double)fails >= b->cfg.failure_rate * (double)calls;
+}
+
+void
+bus_breaker_record(bus_breaker *b, bool success)
+{
+    int st = atomic_load_explicit(&b->state, memory_order_relaxed);
+    int from = -1, to = -1;
+    uint64_t now = 0;
+    bool open = false;
+
+    atomic_fetch_add_explicit(&b->calls, 1, memory_order_relaxed);
+    if (!success)
+        atomic_fetch_add_explicit(&b->failures, 1, memory_order_relaxed);
+    if (st == BUS_BREAKER_CLOSED) {
+        if (b->rate_rule) {
+            now = bus_clock_now(&b->cfg.clock);
+            open = breaker_window_add(b, success, now);
+        }
+        if (success) {
+            if (atomic_load_explicit(&b->consecutive, memory_order_relaxed))
+                atomic_store_explicit(&b->consecutive, 0,
+                                      memory_order_relaxed);
+            return;
+        }
+        uint32_t c = atomic_fetch_add_explicit(&b->consecutive, 1,
+                                               memory_order_relaxed) + 1;
+        if (c >= b->cfg.failure_threshold)
+            open = true;
+        if (!open)
+            return;
+        if (now == 0)
+            now = bus_clock_now(&b->cfg.clock);
+        bus__mutex_lock(&b->mtx);
+        if (atomic_load_explicit(&b->state, memory_order_relaxed)
+            == BUS_BREAKER_CLOSED) {
+            breaker_set_locked(b, BUS_BREAKER_OPEN, now);
+            from = BUS_BREAKER_CLOSED;
+            to = BUS_BREAKER_OPEN;
+        }
+        bus__mutex_unlock(&b->mtx);
+    } else {
+        now = bus_clock_now(&b->cfg.clock);
+        bus__mutex_lock(&b->mtx);
+        st = atomic_load_explicit(&b->state, memory_order_relaxed);
+        if (st == BUS_BREAKER_HALF_OPEN) {
+            if (b->probes_in_flight > 0)
+                b->probes_in_flight--;
+            if (!success) {
+                breaker_set_locked(b, BUS_BREAKER_OPEN, now);
+                from = BUS_BREAKER_HALF_OPEN;
+                to = BUS_BREAKER_OPEN;
+            } else if (++b->probe_successes >= b->cfg.close_successes) {
+                breaker_set_locked(b, BUS_BREAKER_CLOSED, now);
+                from = BUS_BREAKER_HALF_OPEN;
+                to = BUS_BREAKER_CLOSED;
+            }
+        }
+        /* OPEN: a call allowed before it opened finished late; counted. */
+        bus__mutex_unlock(&b->mtx);
+    }
+    if (from >= 0)
+        breaker_notify(b, from, to);
+}
+
+void
+bus_breaker_reset(bus_breaker *b)
+{
+    int from;
+
+    bus__mutex_lock(&b->mtx);
+    from = atomic_load_explicit(&b->state, memory_order_relaxed);
+    breaker_set_locked(b, BUS_BREAKER_CLOSED, 0);
+    bus__mutex_unlock(&b->mtx);
+    if (from != BUS_BREAKER_CLOSED)
+        breaker_notify(b, from, BUS_BREAKER_CLOSED);
+}
+
+void
+bus_breaker_stats_get(bus_breaker *b, bus_breaker_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->state = bus_breaker_state_get(b);
+    st->calls = atomic_load_explicit(&b->calls, memory_order_relaxed);
+    st->failures = atomic_load_explicit(&b->failures, memory_order_relaxed);
+    st->rejections = atomic_load_explicit(&b->rejections,
+                                          memory_order_relaxed);
+    st->opened = atomic_load_explicit(&b->opened, memory_order_relaxed);
+    st->consecutive_failures = atomic_load_explicit(&b->consecutive,
+                                                    memory_order_relaxed);
+    if (st->state == BUS_BREAKER_OPEN) {
+        uint64_t at = atomic_load_explicit(&b->opened_at,
+                                           memory_order_relaxed);
+        uint64_t until = at + (uint64_t)b->cfg.open_ms * 1000000u;
+        uint64_t now = bus_clock_now(&b->cfg.clock);
+        st->retry_in_ns = until > now ? until - now : 0;
+    }
+}
+
+/* ---- Registry ----------------------------------------------------------- */
+
+int
+bus_breaker_registry_new(bus_breaker_registry **out,
+                         bus_breaker_state_fn on_state, void *opaque)
+{
+    bus_breaker_registry *r;
+
+    *out = NULL;
+    if ((r = bus__zalloc(sizeof(*r))) == NULL)
+        return BUS_ENOMEM;
+    bus__mutex_init(&r->mtx);
+    r->on_state = on_state;
+    r->opaque = opaque;
+    *out = r;
+    return BUS_OK;
+}
+
+void
+bus_breaker_registry_free(bus_breaker_registry *r)
+{
+    bus_breaker *b, *n;
+
+    if (r == NULL)
+        return;
+    for (b = r->head; b != NULL; b = n) {
+        n = b->reg_next;
+        bus_breaker_free(b);
+    }
+    bus__mutex_fini(&r->mtx);
+    bus__free(r, sizeof(*r));
+}
+
+int
+bus_breaker_registry_get(bus_breaker_registry *r, const char *name,
+                         const bus_breaker_config *cfg, bus_breaker **out)
+{
+    bus_breaker *b;
+    bus_breaker_config c;
+    int rv = BUS_OK;
+
+    *out = NULL;
+    if (name == NULL || name[0] == '\0' || strlen(name) >= 128)
+        return BUS_EINVAL;
+    bus__mutex_lock(&r->mtx);
+    for (b = r->head; b != NULL; b = b->reg_next)
+        if (strcmp(b->name, name) == 0)
+            break;
+    if (b == NULL && cfg == NULL) {
+        rv = BUS_ENOTFOUND;
+    } else if (b == NULL) {
+        c = *cfg;
+        c.name = name;
+        if ((rv = bus_breaker_new(&b, &c)) == BUS_OK) {
+            b->reg = r;
+            if (r->tail != NULL)
+                r->tail->reg_next = b;
+            else
+                r->head = b;
+            r->tail = b;
+        }
+    }
+    bus__mutex_unlock(&r->mtx);
+    *out = b;
+    return rv;
+}
+
+int
+bus_breaker_registry_snapshot(bus_breaker_registry *r, bus_breaker_info **out,
+                              size_t *n)
+{
+    bus_breaker *b;
+    size_t cnt = 0, i = 0;
+    bus_breaker_info *v;
+
+    *out = NULL;
+    *n = 0;
+    bus__mutex_lock(&r->mtx);
+    for (b = r->head; b != NULL; b = b->reg_next)
+        cnt++;
+    if ((v = bus__zalloc(cnt ? cnt * sizeof(*v) : 1)) == NULL) {
+        bus__mutex_unlock(&r->mtx);
+        return BUS_ENOMEM;
+    }
+    for (b = r->head; b != NULL; b = b->reg_next, i++) {
+        snprintf(v[i].name, sizeof(v[i].name), "%s", b->name);
+        bus_breaker_stats_get(b, &v[i].stats);
+    }
+    bus__mutex_unlock(&r->mtx);
+    *out = v;
+    *n = cnt;
+    return BUS_OK;
+}
+
+void
+bus_breaker_snapshot_free(bus_breaker_info *infos, size_t n)
+{
+    if (infos != NULL)
+        bus__free(infos, n ? n * sizeof(*infos) : 1);
+}
+
+size_t
+bus_breaker_registry_open_count(bus_breaker_registry *r)
+{
+    return atomic_load_explicit(&r->not_closed, memory_order_relaxed);
+}
