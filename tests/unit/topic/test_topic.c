@@ -1337,8 +1337,12 @@ cc_reader_main(void *arg)
         size_t cnt, nw;
 
         atomic_store(&sh->hazard[r->idx], v);
-        if (atomic_load(&sh->cur) != v)
-            continue; /* replaced meanwhile: it may be released already */
+        if (atomic_load(&sh->cur) != v) {
+            /* Replaced meanwhile: it may be released already. Clear the
+             * hazard, or a reader stopping here would pin v forever. */
+            atomic_store(&sh->hazard[r->idx], NULL);
+            continue;
+        }
         topic = sh->topics[bt_rand(&rng) % CC_NTOP];
         cnt = bus__tindex_lookup(v->t, topic, strlen(topic), buf, 2, &items);
         if (items == buf && cnt > 2)
