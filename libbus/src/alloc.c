@@ -223,6 +223,22 @@ bus__realloc(void *p, size_t old_size, size_t new_size)
                                new_size ? new_size : 1);
 }
 
+void *
+bus__alloc_chunk(size_t size)
+{
+    return alloc_hooks.alloc(alloc_hooks.opaque, size ? size : 1);
+}
+
+bool
+bus__alloc_fault(void)
+{
+#ifdef BUS_TESTING
+    return fault_alloc_should_fail();
+#else
+    return false;
+#endif
+}
+
 void
 bus__free(void *p, size_t size)
 {

@@ -17,4 +17,13 @@ void bus__free(void *p, size_t size);
 char *bus__strdup(const char *s, size_t *len_out);
 void bus__strfree(char *s);
 
+/* For caches that carve many objects out of one allocation (the event
+ * block cache, event.c): bus__alloc_chunk allocates through the user's
+ * hooks but is not counted by fault injection; bus__alloc_fault counts
+ * one allocation there and says whether it must fail (always false
+ * outside the BUS_TESTING build), so that each cached object still
+ * counts as one allocation that tests can fail. */
+void *bus__alloc_chunk(size_t size);
+bool bus__alloc_fault(void);
+
 #endif

@@ -27,9 +27,9 @@
  *   the worker's, one per drained batch), and every call first checks the
  *   subscription's dead flag. Unsubscribe sets the flag, removes the entry
  *   from the table and waits for a grace period: after that, no call is
- *   running and none can start. Then it ends the broker subscriptions. A
- *   subscription's memory is freed once it is dead, out of the table and
- *   the brokers, past a grace period, and no queue entry refers to it
+ *   running and none can start. A subscription's memory is freed, after
+ *   its broker subscriptions are ended, once it is dead, out of the
+ *   table, past a grace period, and no queue entry refers to it
  *   (sub->deq == sub->enq).
  * - Events are frozen and carry their topic (bus__event_set_topic) so
  *   queued deliveries can name it after the publisher's string is gone.
@@ -38,6 +38,22 @@
  *   deadline (counted from the close call; workers check it themselves
  *   and drop what is left), then brokers are detached: queued broker
  *   deliveries ack through their links while they drain.
+ * - Broker links (ctx_link): a queued broker delivery keeps its link in
+ *   the queue entry and acks through it (backend handle and token) after
+ *   the handler, on a worker, possibly long after the delivery returned.
+ *   So a link is never unsubscribed from its backend (which may free the
+ *   handle) nor freed while an entry names it. Unsubscribe and detach
+ *   mark the links gone (deliveries through them are refused from then
+ *   on) and hand them to reclamation: an unsubscribed subscription's
+ *   links go with it as a zombie (freed once past a grace period with
+ *   no entry left, enq == deq); detached links go to ctx->retired_links
+ *   (freed once past a grace period with link->pending == 0). The grace
+ *   period ends every delivery that saw the link not gone, so nothing
+ *   adds an entry afterwards. Reclamation runs outside read sections
+ *   only, so a handler that unsubscribes never frees what another
+ *   worker is about to ack through; detach (never from a handler) waits
+ *   until its links are gone, since the caller may close the broker
+ *   right after.
  * - Counters that both sides would write live apart: per-thread context
  *   statistics (ctx_tstats), and a subscription's enq (publishers) and deq
  *   and results (handler side) on lines of their own, away from the fields
@@ -51,6 +67,7 @@
  */
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <bus/broker.h>
@@ -76,12 +93,22 @@ typedef struct ctx_link ctx_link;
 typedef struct ctx_route ctx_route;
 typedef struct ctx_worker ctx_worker;
 
-/* A subscription's registration with one attached broker. */
+/* A subscription's registration with one attached broker. Queue entries
+ * of its deliveries name it (ring_entry.link) to ack after the handler, so
+ * it and the backend's handle live until none is pending: see "Broker
+ * links" at the top. */
 struct ctx_link {
     bus_sub *sub;
+    bus_ctx *ctx;
     bus_broker *broker;
-    void *handle; /* the backend's subscription */
-    ctx_link *next;
+    void *handle;        /* the backend's subscription */
+    ctx_link *next;      /* s->links or ctx->retired_links, under wmtx */
+    uint64_t retired_at; /* grace sequence when it was detached */
+    atomic_bool gone;    /* detached or unsubscribed: refuse deliveries */
+    /* Queue entries naming this link and not finished yet: incremented by
+     * the delivering thread, decremented (release) by the worker after
+     * its ack. */
+    _Atomic uint64_t pending;
 };
 
 /* A broker attached with a route pattern. Immutable once published. */
@@ -186,6 +213,8 @@ struct bus_ctx {
     bus_sub *zombies;    /* unsubscribed, waiting to be freed */
     ctx_retired *retired;
     size_t n_retired;    /* under wmtx */
+    ctx_link *retired_links; /* detached, waiting to be unlinked; wmtx */
+    uint32_t n_unlinking; /* links being unsubscribed by a reclaim; wmtx */
     uint64_t grace_seq;  /* under wmtx: bumped per retirement */
     ctx_worker *workers;
     void *workers_mem;   /* their allocation (ctx_zalloc_lines) */
@@ -227,7 +256,7 @@ ctx_free_lines(void *base, size_t size)
 }
 
 static _Atomic uint32_t ctx_tslot_next;
-static _Thread_local int32_t ctx_tslot_mine = -1;
+static BUS__TLS int32_t ctx_tslot_mine = -1;
 
 /* The calling thread's statistics slot. The first CTX_TSLOTS threads of
  * the process to ask own one each, for good (a slot is never handed to
@@ -352,6 +381,7 @@ ctx_free_retired(ctx_retired *r)
 }
 
 static void sub_free(bus_sub *s);
+static void ctx_unlink_list(ctx_link *l);
 
 /* Frees what was retired before a grace period. With wait, waits for one
  * (unless inside a read section, where waiting could deadlock: a later
@@ -364,8 +394,10 @@ ctx_reclaim(bus_ctx *ctx, bool wait)
 {
     ctx_retired *r, **pr, *freeable = NULL;
     bus_sub *s, **ps, *dead = NULL;
+    ctx_link *l, **pl, *unlink = NULL;
     uint64_t target;
     size_t pending;
+    uint32_t n_unlink = 0;
 
     bus__mutex_lock(&ctx->wmtx);
     target = ctx->grace_seq;
@@ -399,10 +431,28 @@ ctx_reclaim(bus_ctx *ctx, bool wait)
             *ps = s->next;
             s->next = dead;
             dead = s;
+            n_unlink++; /* its links, as one unit */
         } else {
             ps = &s->next;
         }
     }
+    for (pl = &ctx->retired_links; (l = *pl) != NULL;) {
+        /* acquire: the worker's ack through l happens-before its release
+         * decrement, hence before the backend lets go of the handle. */
+        if (l->retired_at <= target
+            && atomic_load_explicit(&l->pending, memory_order_acquire)
+                   == 0) {
+            *pl = l->next;
+            l->next = unlink;
+            unlink = l;
+            n_unlink++;
+        } else {
+            pl = &l->next;
+        }
+    }
+    /* Counted while their backends are told, outside wmtx: a detach of
+     * the same broker must not return before (bus_ctx_detach). */
+    ctx->n_unlinking += n_unlink;
     /* Under wmtx: releasing a snapshot drops references on the nodes it
      * shares with the live one, which the next add/remove copies; topic.h
      * wants all three serialised (its node counts are not atomic). */
@@ -411,9 +461,20 @@ ctx_reclaim(bus_ctx *ctx, bool wait)
         ctx_free_retired(r);
     }
     bus__mutex_unlock(&ctx->wmtx);
+    /* Without wmtx: a backend's unsubscribe waits for its running
+     * deliveries, which may be waiting for wmtx. The links first: their
+     * deliveries read l->sub until the backend has let go. */
+    ctx_unlink_list(unlink);
     while ((s = dead) != NULL) {
         dead = s->next;
+        ctx_unlink_list(s->links);
+        s->links = NULL;
         sub_free(s);
+    }
+    if (n_unlink > 0) {
+        bus__mutex_lock(&ctx->wmtx);
+        ctx->n_unlinking -= n_unlink;
+        bus__mutex_unlock(&ctx->wmtx);
     }
 }
 
@@ -461,6 +522,16 @@ ctx_ack_link(ctx_link *l, uint64_t token, bus_result res)
         bus__broker_ack(l->broker, l->handle, token, res);
 }
 
+/* An entry naming a link is finished (acked or dropped): the link may go
+ * once none is left. release: our use of l happens-before its unlinking
+ * (ctx_reclaim's acquire). @thread worker (or the closer, at free). */
+static inline void
+ctx_link_done(ctx_link *l)
+{
+    if (l != NULL)
+        atomic_fetch_sub_explicit(&l->pending, 1, memory_order_release);
+}
+
 /* Calls one handler. @thread publisher or worker, inside a read section. */
 static void
 ctx_call(bus_sub *s, bus_event *ev, const char *topic, ctx_link *link,
@@ -488,6 +559,7 @@ ctx_drop_entry(bus_ctx *ctx, ring_entry *e, bool at_close)
     /* A dropped broker delivery is not acked: the backend redelivers it
      * if its guarantee says so. */
     bus_event_unref(e->ev);
+    ctx_link_done(e->link);
 }
 
 /* True once close's drain deadline has passed: queued events are then
@@ -540,6 +612,7 @@ ctx_batch_flush(ctx_worker *w, ctx_batch *b)
                 sub_count_result(s, res[i], 1);
                 ctx_ack_link(e->link, e->token, res[i]);
                 bus_event_unref(e->ev);
+                ctx_link_done(e->link);
             }
         } else {
             for (i = 0; i < n; i++)
@@ -625,6 +698,7 @@ ctx_worker_handle(ctx_worker *w, ring_entry *e)
     else {
         ctx_call(s, e->ev, e->topic, e->link, e->token);
         bus_event_unref(e->ev);
+        ctx_link_done(e->link);
     }
     /* release: our last use of s happens-before its reclamation. */
     atomic_fetch_add_explicit(&s->deq, 1, memory_order_release);
@@ -670,9 +744,17 @@ ctx_worker_idle(ctx_worker *w)
                  || bus__clock_mono_ns() - start < ctx->cfg.spin_ns);
     }
     /* Dekker with ctx_wake: we store sleeping then look at the next slot
-     * (both seq_cst); a producer commits that slot, then a seq_cst fence,
-     * then looks at sleeping; so one of us sees the other. */
+     * (both seq_cst); a producer commits that slot, then a fence, then
+     * looks at sleeping; so one of us sees the other. Asymmetric when
+     * membarrier(2) is available (the RCU domain says): the sleeper,
+     * rare, runs a barrier on every thread of the process, so producers,
+     * on every publish, need only a compiler barrier (no mfence). */
     atomic_store_explicit(&w->sleeping, 1, memory_order_seq_cst);
+    if (ctx->rcu.memb && !bus__membarrier()) {
+        /* Registered at init (rcu.c): producers rely on it. */
+        fprintf(stderr, "libbus: membarrier failed after registration\n");
+        abort();
+    }
     if (!ring_ready(&w->q)
         && !atomic_load_explicit(&ctx->intake_done, memory_order_seq_cst)) {
         bus__mutex_lock(&w->mtx);
@@ -694,7 +776,11 @@ ctx_wake(bus_ctx *ctx, ctx_worker *w)
 {
     if (ctx->cfg.wait == BUS_WAIT_SPIN)
         return;
-    atomic_thread_fence(memory_order_seq_cst); /* see ctx_worker_idle */
+    /* See ctx_worker_idle: the sleeper's membarrier is our fence. */
+    if (ctx->rcu.memb)
+        atomic_signal_fence(memory_order_seq_cst);
+    else
+        atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(&w->sleeping, memory_order_relaxed)) {
         bus__mutex_lock(&w->mtx);
         atomic_store_explicit(&w->sleeping, 0, memory_order_relaxed);
@@ -879,7 +965,6 @@ sub_free(bus_sub *s)
 }
 
 static void ctx_unlink_brokers(bus_sub *s);
-static void ctx_unlink_list(ctx_link *l);
 
 static void
 ctx_free(bus_ctx *ctx)
@@ -921,8 +1006,13 @@ ctx_free(bus_ctx *ctx)
         ctx_unlink_brokers(s);
         sub_free(s);
     }
+    /* Workers are joined and their queues emptied: no entry names a
+     * link any more. */
+    ctx_unlink_list(ctx->retired_links);
+    ctx->retired_links = NULL;
     while ((s = ctx->zombies) != NULL) {
         ctx->zombies = s->next;
+        ctx_unlink_brokers(s);
         sub_free(s);
     }
     while ((r = ctx->retired) != NULL) {
@@ -1135,7 +1225,7 @@ int
 bus_unsubscribe(bus_sub *s)
 {
     bus__tindex *old, *nix;
-    ctx_link *links;
+    ctx_link *l;
     bus_ctx *ctx;
     bus_sub **ps;
     int rv;
@@ -1163,29 +1253,42 @@ bus_unsubscribe(bus_sub *s)
             break;
         }
     }
-    links = s->links;
-    s->links = NULL;
+    /* Deliveries through s's links are refused from now on; the links
+     * stay with s (a handler still running, or an entry still queued,
+     * acks through them) and are unlinked when s is freed. seq_cst:
+     * pairs with ctx_deliver's check, as dead does. */
+    for (l = s->links; l != NULL; l = l->next)
+        atomic_store_explicit(&l->gone, true, memory_order_seq_cst);
     atomic_fetch_sub_explicit(&ctx->n_subs, 1, memory_order_relaxed);
-    bus__mutex_unlock(&ctx->wmtx);
-    /* A grace period: no handler call that began before dead was set is
-     * still running (nor acking through one of s's links afterwards), and
-     * no publisher still sees s in the old snapshot. Inside a handler it
-     * cannot wait (rcu.h) and this is skipped: see docs/bus.md. */
-    ctx_reclaim(ctx, true);
-    /* Then the backends: after this none delivers to s (deliveries that
-     * came meanwhile were refused, s being dead). */
-    ctx_unlink_list(links);
-    /* Only now may a reclaim free s: the fresh sequence makes the one that
-     * does wait for a grace period that starts after this point (a
-     * delivery still finishing on another thread, when the backend could
-     * not wait for it, holds a read section). Queue entries still naming
-     * s are counted by s->enq - s->deq. */
-    bus__mutex_lock(&ctx->wmtx);
+    /* A reclaim frees s (and unlinks its brokers) once a grace period
+     * that starts after this point has passed, so no handler call, no
+     * publisher and no delivery that saw s alive is still running, and
+     * no queue entry names s (s->enq == s->deq). */
     s->retired_at = ++ctx->grace_seq;
     s->next = ctx->zombies;
     ctx->zombies = s;
     bus__mutex_unlock(&ctx->wmtx);
-    ctx_reclaim(ctx, false);
+    /* Waits for that grace period: afterwards no call of the handler is
+     * running and none can start. Then for the workers to release the
+     * entries still queued for s (they drop them), so that s's broker
+     * subscriptions end before we return: a backend that sees its
+     * deliveries refused may hold back others until then (Kafka pauses
+     * the partition). Inside a handler it cannot wait (rcu.h) and s is
+     * left to a later reclaim: see docs/bus.md. */
+    for (;;) {
+        bus_sub *z;
+        bool pending = false;
+        ctx_reclaim(ctx, true);
+        if (bus__rcu_in_section(&ctx->rcu))
+            break;
+        bus__mutex_lock(&ctx->wmtx);
+        for (z = ctx->zombies; z != NULL && !pending; z = z->next)
+            pending = z == s;
+        bus__mutex_unlock(&ctx->wmtx);
+        if (!pending)
+            break;
+        bus__sleep_ns(50000);
+    }
     return BUS_OK;
 }
 
@@ -1339,6 +1442,9 @@ restart:
             atomic_fetch_add_explicit(&ev->refs, extra,
                                       memory_order_relaxed);
     }
+    if (link != NULL && n_claimed > 0) /* before the workers see them */
+        atomic_fetch_add_explicit(&link->pending, n_claimed,
+                                  memory_order_relaxed);
     for (i = 0; i < n_claimed; i++) {
         ring_entry e = {ev, cl[i].sub, link, token, ev->topic};
         atomic_fetch_add_explicit(&cl[i].sub->enq, 1, memory_order_relaxed);
@@ -1489,10 +1595,28 @@ bus_publish_ack(bus_ctx *ctx, const char *topic, bus_event *ev,
         return BUS_EINVAL;
     if (ev->type_len == 0)
         return BUS_EINVAL;
-    len = strlen(topic);
-    if (bus__topic_check(topic, false, NULL, 0) != BUS_OK)
-        return BUS_EINVAL;
+    len = strlen(topic); /* the only strlen: everything below takes len */
     tok = bus__rcu_enter(&ctx->rcu);
+    /* seq_cst, as the index: the grace-period argument (rcu.h) needs the
+     * load ordered after the section's entry. */
+    routes = atomic_load_explicit(&ctx->routes, memory_order_seq_cst);
+    ix = atomic_load_explicit(&ctx->index, memory_order_seq_cst);
+    /* The topic is validated once: by the table lookup on a topic-cache
+     * miss only (a hit means these bytes were valid before), or here
+     * when brokers are attached, which must not get an invalid one. */
+    if (routes != NULL && routes->n > 0) {
+        if (bus__topic_check(topic, false, NULL, 0) != BUS_OK) {
+            rv = BUS_EINVAL;
+            goto out;
+        }
+        n = 0;
+        items = NULL;
+    } else if (bus__tindex_lookup_checked(ix, topic, len, buf,
+                                          CTX_LOOKUP_STACK, &items, &n)
+               != BUS_OK) {
+        rv = BUS_EINVAL;
+        goto out;
+    }
     /* Checked inside the section: close waits for sections that saw
      * closing == false, so no event slips in after the drain. */
     if (atomic_load_explicit(&ctx->closing, memory_order_seq_cst)) {
@@ -1501,17 +1625,14 @@ bus_publish_ack(bus_ctx *ctx, const char *topic, bus_event *ev,
     }
     if ((rv = ctx_prepare_event(&ev, topic, len)) != BUS_OK)
         goto out;
-    /* seq_cst, as the index: the grace-period argument (rcu.h) needs the
-     * load ordered after the section's entry. */
-    routes = atomic_load_explicit(&ctx->routes, memory_order_seq_cst);
     if (routes != NULL && routes->n > 0) {
         rv = ctx_publish_routed(ctx, routes, topic, ev, flags, fn, opaque,
                                 &routed);
         if (routed)
             goto done;
+        n = bus__tindex_lookup(ix, topic, len, buf, CTX_LOOKUP_STACK,
+                               &items);
     }
-    ix = atomic_load_explicit(&ctx->index, memory_order_seq_cst);
-    n = bus__tindex_lookup(ix, topic, len, buf, CTX_LOOKUP_STACK, &items);
     if (n > CTX_LOOKUP_STACK && items == (void *const *)buf) {
         /* Not cached and more than the stack holds: one allocation. */
         if ((big = bus__alloc(sizeof(void *) * n)) == NULL) {
@@ -1566,18 +1687,22 @@ ctx_deliver(void *opaque, const char *topic, bus_event *ev, uint64_t token,
             unsigned flags)
 {
     ctx_link *l = opaque;
-    bus_sub *s = l->sub;
-    bus_ctx *ctx = s->ctx;
+    bus_ctx *ctx = l->ctx;
     bus_event *use = ev;
+    bus_sub *s;
     uint32_t tok;
     int rv;
 
     tok = bus__rcu_enter(&ctx->rcu);
+    /* gone before s: once l is gone, s may be freed after a grace period
+     * (which this section holds up only if it saw l not gone). seq_cst:
+     * pairs with the store in unsubscribe/detach (rcu.h). */
     if (atomic_load_explicit(&ctx->closing, memory_order_seq_cst)
-        || atomic_load_explicit(&s->dead, memory_order_seq_cst)) {
+        || atomic_load_explicit(&l->gone, memory_order_seq_cst)) {
         bus__rcu_exit(&ctx->rcu, tok);
         return BUS_ECLOSED;
     }
+    s = l->sub;
     if (!bus__event_topic_is(ev, topic, strlen(topic))) {
         /* The event came without its topic (a decoded frame): record it,
          * or clone when it is already shared. */
@@ -1625,7 +1750,10 @@ ctx_link_broker(bus_sub *s, bus_broker *b, const char *route)
     if ((l = bus__zalloc(sizeof(*l))) == NULL)
         return BUS_ENOMEM;
     l->sub = s;
+    l->ctx = s->ctx;
     l->broker = b;
+    atomic_init(&l->gone, false);
+    atomic_init(&l->pending, 0);
     rv = bus__broker_subscribe(b, s->pattern, s->group, ctx_deliver, l,
                                &l->handle);
     if (rv != BUS_OK) {
@@ -1742,8 +1870,10 @@ bus_ctx_detach(bus_ctx *ctx, bus_broker *b)
 {
     ctx_routes *old, *nr = NULL;
     size_t n, i, j, nsize = 0, found = SIZE_MAX;
-    ctx_link *gone = NULL, *l;
+    ctx_link *l;
+    uint64_t seq;
     bus_sub *s;
+    int k;
 
     if (ctx == NULL || b == NULL)
         return BUS_EINVAL;
@@ -1780,27 +1910,50 @@ bus_ctx_detach(bus_ctx *ctx, bus_broker *b)
     ctx->retired->pattern_size = old->r[found].pattern_size;
     atomic_store_explicit(&ctx->routes, nr, memory_order_seq_cst);
     ctx->routes_size = nsize;
-    /* Collect the links to b; unsubscribe them without wmtx, since a
-     * backend waits there for running deliveries. */
-    for (s = ctx->subs; s != NULL; s = s->next) {
-        ctx_link **pl = &s->links;
-        while ((l = *pl) != NULL) {
-            if (l->broker == b) {
-                *pl = l->next;
-                l->next = gone;
-                gone = l;
-            } else {
-                pl = &l->next;
+    /* The links to b, of live and of unsubscribed subscriptions, are
+     * refused from now on and go to reclamation (see "Broker links" at
+     * the top): queued entries may still ack through them. */
+    seq = ++ctx->grace_seq;
+    for (k = 0; k < 2; k++) {
+        for (s = k == 0 ? ctx->subs : ctx->zombies; s != NULL; s = s->next) {
+            ctx_link **pl = &s->links;
+            while ((l = *pl) != NULL) {
+                if (l->broker == b) {
+                    *pl = l->next;
+                    /* seq_cst: pairs with ctx_deliver's check. */
+                    atomic_store_explicit(&l->gone, true,
+                                          memory_order_seq_cst);
+                    l->retired_at = seq;
+                    l->next = ctx->retired_links;
+                    ctx->retired_links = l;
+                } else {
+                    pl = &l->next;
+                }
             }
         }
     }
     bus__mutex_unlock(&ctx->wmtx);
-    while ((l = gone) != NULL) {
-        gone = l->next;
-        bus__broker_unsubscribe(b, l->handle);
-        bus__free(l, sizeof(*l));
+    /* Wait until no link to b is left: the caller may close b as soon as
+     * this returns. Each round waits for a grace period; the links go
+     * once the workers finished the entries naming them. From a handler
+     * (not allowed: bus.h) it cannot wait and leaves them to a later
+     * reclaim. */
+    for (;;) {
+        bool left = false;
+        ctx_reclaim(ctx, true);
+        if (bus__rcu_in_section(&ctx->rcu))
+            break;
+        bus__mutex_lock(&ctx->wmtx);
+        for (l = ctx->retired_links; l != NULL && !left; l = l->next)
+            left = l->broker == b;
+        /* Links being unsubscribed by another thread's reclaim, which
+         * may be b's (zombies' links are not looked at one by one). */
+        left = left || ctx->n_unlinking > 0;
+        bus__mutex_unlock(&ctx->wmtx);
+        if (!left)
+            break;
+        bus__sleep_ns(100000);
     }
-    ctx_reclaim(ctx, true);
     return BUS_OK;
 }
 

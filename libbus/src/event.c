@@ -8,6 +8,28 @@
  * last reference goes. Once frozen (published) the event is read-only and
  * shared by every holder; the refcount increments relaxed and decrements
  * acq_rel so the destroyer sees every holder's reads done (STYLE.md §9).
+ *
+ * Block caches (STYLE.md §8: no malloc on the publish path). Event
+ * blocks of up to EVC_MAX_BLOCK bytes come from per-thread caches with
+ * one free list per size class, carved from EVC_CHUNK-byte chunks got
+ * from bus__alloc_chunk (the user's hooks see those). A block records
+ * its cache (bus_event.cache). Freed by the thread that owns the cache,
+ * a block goes back on the local list (no atomic); freed by another
+ * thread (a worker freeing what a publisher made), it is pushed on the
+ * cache's per-class remote stack (one CAS, release); the owner takes a
+ * whole remote stack with one exchange (acquire) when its local list is
+ * empty. So a producer that allocates and a worker that frees never meet
+ * in the global allocator, and they share one cache line per class (the
+ * remote stack's head), touched once per free and once per refill.
+ * A cache outlives its thread: at thread exit (a pthread key destructor)
+ * it is put on an orphan list and the next thread that needs a cache
+ * adopts it, so blocks still in flight always point at a live cache;
+ * caches and their chunks are never freed (the memory stays with the
+ * process, at the high-water mark of the events alive per thread).
+ * Each block allocation counts as one allocation for fault injection
+ * (bus__alloc_fault), cached or not. Under AddressSanitizer, free blocks
+ * are poisoned (but the list word), so a use after free is still caught
+ * until the block is reused.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -18,6 +40,15 @@
 #include "event_impl.h"
 #include "mp.h"
 #include "platform.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EVC_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define EVC_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define EVC_POISON(p, n) ((void)(p), (void)(n))
+#define EVC_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 #define EV_MAX_STRING 65535u
 #define EV_MAX_HEADERS 65535u
@@ -79,6 +110,194 @@ ev_arena_str(bus_event *e, const char *s, size_t len)
     return d;
 }
 
+/* ---- Block caches (see the top) ---- */
+
+#define EVC_MIN_SHIFT 8 /* classes of 256, 512, ..., EVC_MAX_BLOCK bytes */
+#define EVC_CLASSES 5
+#define EVC_MAX_BLOCK ((size_t)1 << (EVC_MIN_SHIFT + EVC_CLASSES - 1))
+#define EVC_CHUNK ((size_t)64 * 1024)
+#define EVC_HDR 64 /* chunk header: keeps blocks 64-byte aligned */
+
+typedef struct evc_block {
+    struct evc_block *next;
+} evc_block;
+
+typedef struct evc_chunk {
+    struct evc_chunk *next;
+} evc_chunk;
+
+struct ev_cache {
+    /* Pushed by other threads: one line per class. */
+    struct {
+        _Alignas(BUS_CACHELINE) _Atomic(evc_block *) head;
+    } remote[EVC_CLASSES];
+    /* The owner's. */
+    _Alignas(BUS_CACHELINE) evc_block *local[EVC_CLASSES];
+    evc_chunk *chunks;
+    ev_cache *next_all;    /* evc_all, under evc_lock */
+    ev_cache *next_orphan; /* evc_orphans, under evc_lock */
+};
+
+static BUS__TLS ev_cache *evc_mine;
+static atomic_flag evc_lock = ATOMIC_FLAG_INIT; /* thread start/exit only */
+static ev_cache *evc_all;     /* every cache: they are never freed */
+static ev_cache *evc_orphans; /* caches of exited threads */
+static bus__tls evc_key;
+static bool evc_key_ok;
+
+static void
+evc_lock_take(void)
+{
+    while (atomic_flag_test_and_set_explicit(&evc_lock,
+                                             memory_order_acquire))
+        bus__thread_yield();
+}
+
+static void
+evc_lock_give(void)
+{
+    atomic_flag_clear_explicit(&evc_lock, memory_order_release);
+}
+
+/* Thread exit: the cache goes to the orphans, blocks and all. The thread
+ * forgets it, so frees it still makes (later destructors) are remote. */
+static void
+evc_orphan(void *arg)
+{
+    ev_cache *c = arg;
+
+    evc_mine = NULL;
+    evc_lock_take();
+    c->next_orphan = evc_orphans;
+    evc_orphans = c;
+    evc_lock_give();
+}
+
+/* The calling thread's cache: an orphan adopted, or a new one; NULL when
+ * out of memory or no thread-exit hook could be set. */
+static ev_cache *
+evc_attach(void)
+{
+    ev_cache *c;
+    void *mem;
+
+    evc_lock_take();
+    if (!evc_key_ok)
+        evc_key_ok = bus__tls_create(&evc_key, evc_orphan) == BUS_OK;
+    if (!evc_key_ok) {
+        evc_lock_give();
+        return NULL;
+    }
+    if ((c = evc_orphans) != NULL) {
+        evc_orphans = c->next_orphan;
+    } else if ((mem = bus__alloc_chunk(sizeof(*c) + BUS_CACHELINE))
+               != NULL) {
+        c = (ev_cache *)(((uintptr_t)mem + BUS_CACHELINE - 1)
+                         & ~(uintptr_t)(BUS_CACHELINE - 1));
+        memset(c, 0, sizeof(*c));
+        c->next_all = evc_all;
+        evc_all = c;
+    }
+    evc_lock_give();
+    if (c != NULL) {
+        bus__tls_set(&evc_key, c);
+        evc_mine = c;
+    }
+    return c;
+}
+
+static int
+evc_class(size_t size)
+{
+    int k = 0;
+
+    while (((size_t)1 << (EVC_MIN_SHIFT + k)) < size)
+        k++;
+    return k;
+}
+
+/* Carves a new chunk into class k's local list. @thread owner. */
+static evc_block *
+evc_refill(ev_cache *c, int k)
+{
+    size_t bs = (size_t)1 << (EVC_MIN_SHIFT + k);
+    size_t n = (EVC_CHUNK - EVC_HDR) / bs, i;
+    evc_chunk *ch = bus__alloc_chunk(EVC_CHUNK);
+    char *base;
+
+    if (ch == NULL)
+        return NULL;
+    ch->next = c->chunks;
+    c->chunks = ch;
+    base = (char *)ch + EVC_HDR;
+    for (i = 0; i < n; i++) {
+        evc_block *b = (evc_block *)(void *)(base + i * bs);
+        b->next = i + 1 < n ? (evc_block *)(void *)(base + (i + 1) * bs)
+                            : NULL;
+        EVC_POISON((char *)b + sizeof(*b), bs - sizeof(*b));
+    }
+    return (evc_block *)(void *)base;
+}
+
+/* A block of at least *size bytes (*size is raised to what the block
+ * holds); *cache gets its cache, NULL when it comes from bus__alloc.
+ * NULL on (injected) allocation failure. */
+static void *
+evc_alloc(size_t *size, ev_cache **cache)
+{
+    ev_cache *c;
+    evc_block *b;
+    int k;
+
+    *cache = NULL;
+    if (*size > EVC_MAX_BLOCK)
+        return bus__alloc(*size);
+    if (bus__alloc_fault())
+        return NULL;
+    if ((c = evc_mine) == NULL && (c = evc_attach()) == NULL)
+        return bus__alloc_chunk(*size); /* counted above already */
+    k = evc_class(*size);
+    if ((b = c->local[k]) == NULL) {
+        /* acquire: pairs with the remote frees' release, so their
+         * writes to the blocks happen-before our reuse. */
+        b = atomic_exchange_explicit(&c->remote[k].head, NULL,
+                                     memory_order_acquire);
+        if (b == NULL && (b = evc_refill(c, k)) == NULL)
+            return NULL;
+    }
+    c->local[k] = b->next;
+    *size = (size_t)1 << (EVC_MIN_SHIFT + k);
+    EVC_UNPOISON(b, *size);
+    *cache = c;
+    return b;
+}
+
+static void
+evc_free(void *p, size_t size, ev_cache *c)
+{
+    evc_block *b = p, *head;
+    int k;
+
+    if (c == NULL) {
+        bus__free(p, size);
+        return;
+    }
+    k = evc_class(size);
+    EVC_POISON((char *)b + sizeof(*b), size - sizeof(*b));
+    if (c == evc_mine) {
+        b->next = c->local[k];
+        c->local[k] = b;
+        return;
+    }
+    /* release: our use of the block happens-before the owner's reuse. */
+    head = atomic_load_explicit(&c->remote[k].head, memory_order_relaxed);
+    do {
+        b->next = head;
+    } while (!atomic_compare_exchange_weak_explicit(
+        &c->remote[k].head, &head, b, memory_order_release,
+        memory_order_relaxed));
+}
+
 int
 bus__event_build(bus_event **out, const bus__event_spec *s)
 {
@@ -86,6 +305,8 @@ bus__event_build(bus_event **out, const bus__event_spec *s)
                                                    : s->n_headers;
     bool copy_payload = s->payload_free == NULL && !s->adopt_static;
     size_t off_headers, off_payload, off_strings, strings, size, i;
+    ev_cache *cache;
+    int64_t now;
     bus_event *e;
     char *sp;
 
@@ -98,7 +319,7 @@ bus__event_build(bus_event **out, const bus__event_spec *s)
     off_strings = off_payload + (copy_payload ? s->payload_len : 0);
     size = ev_align(off_strings + strings + s->spare, 16);
 
-    if ((e = bus__alloc(size)) == NULL) {
+    if ((e = evc_alloc(&size, &cache)) == NULL) {
         if (s->payload_free != NULL)
             s->payload_free((void *)s->payload, s->payload_hint);
         return BUS_ENOMEM;
@@ -107,16 +328,19 @@ bus__event_build(bus_event **out, const bus__event_spec *s)
     atomic_init(&e->frozen, false);
     e->flags = 0;
     e->pad_ = 0;
-    e->block_size = size;
+    e->block_size = size; /* the whole block: the rest is arena */
+    e->cache = cache;
     e->chunks = NULL;
     e->schema_version = s->schema_version ? s->schema_version : 1;
     e->stream_version = s->stream_version;
     e->position = s->position;
+    /* One clock reading for both the id and the timestamp. */
+    now = s->id == NULL || s->timestamp == 0 ? bus__clock_real_ns() : 0;
     if (s->id != NULL)
         e->id = *s->id;
     else
-        bus_uuid_v7(&e->id);
-    e->timestamp = s->timestamp ? s->timestamp : bus__clock_real_ns();
+        bus__uuid_v7_at(&e->id, now);
+    e->timestamp = s->timestamp ? s->timestamp : now;
 
     e->headers = (ev_header *)(void *)((char *)e + off_headers);
     e->cap_headers = (uint32_t)hcap;
@@ -383,20 +607,22 @@ ev_destroy(bus_event *e)
         next = c->next;
         bus__free(c, c->size);
     }
-    bus__free(e, e->block_size);
+    evc_free(e, e->block_size, e->cache);
 }
 
 void
 bus_event_unref(bus_event *e)
 {
-    uint32_t old;
-
     if (e == NULL)
         return;
-    /* acq_rel: our earlier reads of the event happen-before the destroyer
-     * frees it. */
-    old = atomic_fetch_sub_explicit(&e->refs, 1, memory_order_acq_rel);
-    if (old == 1)
+    /* The last reference (the common case for a queued event: the worker
+     * drops the one the publisher handed over): nobody else holds one, so
+     * nobody can take one either, and a plain load does. acquire: pairs
+     * with the other holders' acq_rel decrements, so their reads of the
+     * event happen-before we free it. */
+    if (atomic_load_explicit(&e->refs, memory_order_acquire) == 1
+        || atomic_fetch_sub_explicit(&e->refs, 1, memory_order_acq_rel)
+               == 1)
         ev_destroy(e);
 }
 

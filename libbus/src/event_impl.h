@@ -21,6 +21,7 @@ typedef struct ev_header {
 } ev_header;
 
 typedef struct ev_chunk ev_chunk;
+typedef struct ev_cache ev_cache;
 
 struct bus_event {
     _Atomic uint32_t refs;
@@ -52,6 +53,8 @@ struct bus_event {
     size_t arena_left;
     ev_chunk *chunks; /* overflow allocations, freed with the event */
     size_t block_size;
+    ev_cache *cache; /* the thread cache the block came from, or NULL:
+                      * from bus__alloc (event.c, "Block caches") */
     _Alignas(16) unsigned char data[];
 };
 
@@ -85,6 +88,10 @@ typedef struct bus__event_spec {
 /* Builds an event in one allocation. On failure an adopted payload is
  * freed (payload_free called). Returns BUS_OK or BUS_ENOMEM. */
 int bus__event_build(bus_event **out, const bus__event_spec *s);
+
+/* A UUIDv7 for the instant unix_ns (a clock reading the caller also uses
+ * for the timestamp): bus_uuid_v7 without its own clock read. */
+void bus__uuid_v7_at(bus_uuid *u, int64_t unix_ns);
 
 /* Records the topic the event is published on, before it is frozen
  * (bus_publish and bus_broker_publish do this), so that queued deliveries

@@ -10,7 +10,24 @@
  * generation and waits until the old generation's counters drain, twice
  * (a reader may have read the generation just before a flip and
  * incremented just after the writer's check; the second round catches
- * it). A read section costs two uncontended atomic RMWs.
+ * it).
+ *
+ * Read sections without atomic RMWs (liburcu's membarrier flavour, our
+ * own code). The first BUS_RCU_OWNED threads to read each own a slot for
+ * as long as they live (claimed with a CAS, given back at thread exit),
+ * so a slot's counters have one writer, who updates them with a plain
+ * load and store and a compiler barrier. The missing hardware fences are
+ * supplied by the writer: synchronize and poll call membarrier(2)
+ * (private expedited), which runs a full barrier on every thread of the
+ * process, between storing the new pointer and reading the counters, and
+ * again after finding them drained (so the readers' loads before their
+ * decrement are complete before the reclaim). A reader whose increment
+ * the writer missed is then ordered after the writer's earlier stores,
+ * exactly as with seq_cst RMWs. Threads beyond BUS_RCU_OWNED share one
+ * more slot with atomic RMWs. When the kernel refuses membarrier (or
+ * under ThreadSanitizer, which does not model it), every section uses
+ * seq_cst RMWs as described above: two uncontended atomic RMWs per
+ * section.
  *
  * Orders: reader increment and the writer's flip and counter reads are
  * seq_cst, so a reader the writer did not see has its later loads of the
@@ -33,7 +50,8 @@
 
 #include "platform.h"
 
-#define BUS_RCU_SLOTS 64
+#define BUS_RCU_OWNED 64                  /* slots owned by one thread */
+#define BUS_RCU_SLOTS (BUS_RCU_OWNED + 1) /* + the shared one */
 
 typedef struct bus__rcu_slot {
     _Alignas(BUS_CACHELINE) _Atomic int64_t cnt[2];
@@ -41,6 +59,7 @@ typedef struct bus__rcu_slot {
 
 typedef struct bus__rcu {
     _Alignas(BUS_CACHELINE) _Atomic uint32_t gen;
+    bool memb; /* readers of owned slots use plain stores (membarrier) */
     bus__mutex sync_mtx; /* serialises writers' grace periods */
     bus__rcu_slot slots[BUS_RCU_SLOTS];
 } bus__rcu;

@@ -2,41 +2,78 @@
  * UUIDv7 (RFC 9562 §5.7) with the "replace leftmost random bits with an
  * increased clock precision" counter of §6.2 method 1.
  *
- * Design: one process-wide 64-bit atomic holds (unix_ms << 12 | counter).
- * Each call moves it to max(now_ms << 12, last + 1) with a CAS, so the
- * 60-bit (ms, counter) prefix is strictly increasing across all threads even
- * within a millisecond or when the wall clock steps back; when 4096 ids are
- * made in one millisecond the counter carries into the ms field (the id runs
- * a little ahead of the clock, never backwards). The remaining 62 bits are
- * random from the per-thread generator. Lock-free: no thread waits on
- * another, a failed CAS retries with the value it saw.
+ * Design. The 60-bit (unix_ms << 12 | counter) prefix is strictly
+ * increasing in happens-before order across all threads: an id made
+ * after another (on any thread, with any synchronisation between them)
+ * is greater, even within a millisecond or when the wall clock steps
+ * back; when 4096 ids are made in one millisecond the counter carries
+ * into the ms field (the id runs a little ahead of the clock, never
+ * backwards). The remaining 62 bits are random from the per-thread
+ * generator.
+ *
+ * Prefixes are handed out in leases: one process-wide atomic (uuid_next)
+ * holds the end of the last lease, and a thread moves it with a CAS to
+ * take [max(now, next), +n), then makes ids from its lease with no
+ * atomic RMW for as long as (a) the lease is not used up, (b) the clock
+ * has not passed it and (c) uuid_next still equals the lease's end, i.e.
+ * no thread took a lease since (a relaxed load). Why (c) keeps the
+ * order: if an id made by thread B happens-before our call, so does B's
+ * CAS that leased it, so our load sees that CAS or a later one: either B
+ * leased before us (all its ids are below our lease) or after (uuid_next
+ * moved past our end and we take a new lease above B's). The lease
+ * length doubles (1 .. UUID_LEASE_MAX) while a thread keeps its leases
+ * to itself and drops back to 1 when another thread interleaves, so
+ * publishers that alternate do not burn counter values (which would push
+ * ids ahead of the clock) and a lone one pays one CAS per 64 ids.
  */
 #include <stdatomic.h>
 #include <string.h>
 
 #include <bus/event.h>
 
+#include "event_impl.h"
 #include "platform.h"
 
-static _Atomic uint64_t uuid_last; /* unix_ms << 12 | counter */
+#define UUID_LEASE_MAX 64
+
+static _Atomic uint64_t uuid_next; /* end of the last lease */
+static BUS__TLS uint64_t uuid_cur, uuid_end; /* our lease */
+static BUS__TLS uint64_t uuid_lease_n;
 
 void
-bus_uuid_v7(bus_uuid *u)
+bus__uuid_v7_at(bus_uuid *u, int64_t unix_ns)
 {
-    uint64_t now = (uint64_t)(bus__clock_real_ns() / 1000000) << 12;
-    uint64_t old = atomic_load_explicit(&uuid_last, memory_order_relaxed);
-    uint64_t next, ms, rnd;
+    uint64_t now = (uint64_t)(unix_ns / 1000000) << 12;
+    uint64_t v, ms, rnd;
     uint16_t ctr;
 
-    /* relaxed: only the atomicity of the increment matters; the id carries
-     * no data another thread reads through it. */
-    do {
-        next = now > old ? now : old + 1;
-    } while (!atomic_compare_exchange_weak_explicit(
-        &uuid_last, &old, next, memory_order_relaxed, memory_order_relaxed));
+    /* relaxed: see the top (coherence gives (c); the id carries no data
+     * another thread reads through it). */
+    if (uuid_cur < uuid_end && now <= uuid_cur
+        && atomic_load_explicit(&uuid_next, memory_order_relaxed)
+               == uuid_end) {
+        v = uuid_cur++;
+    } else {
+        uint64_t old = atomic_load_explicit(&uuid_next, memory_order_relaxed);
+        uint64_t n;
 
-    ms = next >> 12;
-    ctr = (uint16_t)(next & 0xfff);
+        if (uuid_end != 0 && old == uuid_end) /* used up or clock moved */
+            n = uuid_lease_n < UUID_LEASE_MAX ? uuid_lease_n * 2
+                                              : UUID_LEASE_MAX;
+        else
+            n = 1; /* first, or another thread leased since */
+        do {
+            v = now > old ? now : old;
+        } while (!atomic_compare_exchange_weak_explicit(
+            &uuid_next, &old, v + n, memory_order_relaxed,
+            memory_order_relaxed));
+        uuid_lease_n = n;
+        uuid_cur = v + 1;
+        uuid_end = v + n;
+    }
+
+    ms = v >> 12;
+    ctr = (uint16_t)(v & 0xfff);
     rnd = bus__random_u64();
     u->b[0] = (uint8_t)(ms >> 40);
     u->b[1] = (uint8_t)(ms >> 32);
@@ -54,6 +91,12 @@ bus_uuid_v7(bus_uuid *u)
     u->b[13] = (uint8_t)(rnd >> 16);
     u->b[14] = (uint8_t)(rnd >> 8);
     u->b[15] = (uint8_t)rnd;
+}
+
+void
+bus_uuid_v7(bus_uuid *u)
+{
+    bus__uuid_v7_at(u, bus__clock_real_ns());
 }
 
 uint64_t

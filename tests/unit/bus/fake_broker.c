@@ -161,10 +161,14 @@ static void
 fake_ack_op(void *priv, void *handle, uint64_t token, bus_result res)
 {
     fake_priv *p = priv;
+    fake_sub *s = handle;
     int i;
 
-    (void)handle;
     pthread_mutex_lock(&p->mtx);
+    /* The SPI: a handle is valid until unsubscribe returns (a real
+     * backend may free it there). */
+    if (!s->live)
+        atomic_fetch_add(&p->st.acks_unsubscribed, 1);
     i = atomic_load(&p->st.n_acks);
     if (i < FAKE_MAX_ACKS) {
         p->st.acks[i].token = token;

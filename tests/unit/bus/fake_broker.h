@@ -38,6 +38,8 @@ typedef struct fake_state {
     _Atomic int n_acks;           /* read it, then fake_ack_of */
     fake_ack acks[FAKE_MAX_ACKS]; /* under the broker's mutex */
     _Atomic int deliver_errors;   /* deliver returned an error */
+    _Atomic int acks_unsubscribed; /* acks through a handle already
+                                    * unsubscribed (a core bug) */
 } fake_state;
 
 /* Registers "fake" once per process (BUS_OK or already registered). */

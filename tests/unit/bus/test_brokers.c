@@ -9,6 +9,7 @@
  */
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -536,6 +537,171 @@ test_publish_ack_through_two_brokers_runs_once(void **state)
     bus_broker_close(f);
 }
 
+/* ---- Link lifetime: acks after unsubscribe or detach --------------------
+ *
+ * A queued broker delivery acks through its link (backend handle, token)
+ * after the handler, on a worker. Neither an unsubscribe from inside
+ * another handler (which cannot wait) nor a detach may end the backend
+ * subscription or free the link while such an entry is pending. */
+
+static uint64_t
+key_zero(const bus_event *ev, void *opaque)
+{
+    (void)ev;
+    (void)opaque;
+    return 0;
+}
+
+typedef struct unsub_other {
+    bus_sub *victim;
+    atomic_int rv;
+    atomic_int calls;
+} unsub_other;
+
+static bus_result
+unsub_other_handler(bus_delivery *d, void *opaque)
+{
+    unsub_other *u = opaque;
+
+    (void)d;
+    if (atomic_fetch_add(&u->calls, 1) == 0)
+        atomic_store(&u->rv, bus_unsubscribe(u->victim));
+    return BUS_ACK;
+}
+
+typedef struct ack_want {
+    bus_broker *b;
+    uint64_t token;
+} ack_want;
+
+static int
+ack_arrived(void *arg)
+{
+    ack_want *w = arg;
+
+    return fake_ack_of(w->b, w->token) >= 0;
+}
+
+static void
+test_unsubscribe_from_another_handler_keeps_pending_acks_valid(void **state)
+{
+    bus_sub_config qc = bt_sub_cfg(BUS_DISPATCH_QUEUED);
+    bus_sub_config in = bt_sub_cfg(BUS_DISPATCH_INLINE);
+    bus_ctx *ctx = bt_ctx_open(2);
+    bus_broker *b = open_broker("fake://unsub-in-handler");
+    fake_state *st = fake_of(b);
+    ack_want w = {b, 11};
+    unsub_other u;
+    bt_gate gate;
+    bus_event *e;
+    uint64_t t;
+
+    (void)state;
+    memset(&u, 0, sizeof(u));
+    bt_gate_init(&gate);
+    assert_int_equal(bus_ctx_attach(ctx, b, NULL), BUS_OK);
+    qc.key_fn = key_zero; /* all on worker 0, in order */
+    assert_int_equal(
+        bus_subscribe(ctx, "a", hold_first_handler, &gate, &qc, &u.victim),
+        BUS_OK);
+    assert_int_equal(
+        bus_subscribe(ctx, "b", unsub_other_handler, &u, &in, NULL), BUS_OK);
+    e = bt_event_u64(NULL, 1);
+    for (t = 11; t <= 13; t++)
+        assert_int_equal(fake_deliver(b, "a", e, t), 1);
+    assert_true(bt_gate_wait_entered(&gate, 1)); /* 11 runs, 12, 13 wait */
+    /* B's handler (inline, in this thread, inside a read section)
+     * unsubscribes A: it cannot wait, so A's handler is still running
+     * and two entries with tokens are still queued. */
+    assert_int_equal(fake_deliver(b, "b", e, 20), 1);
+    assert_int_equal(atomic_load(&u.calls), 1);
+    assert_int_equal(atomic_load(&u.rv), BUS_OK);
+    /* A refuses new deliveries, but its backend subscription stays while
+     * entries may still ack through it. */
+    assert_int_equal(fake_deliver(b, "a", e, 14), 0);
+    assert_int_equal(fake_n_subs(b), 2);
+    bt_gate_open(&gate);
+    assert_true(bt_wait_for(ack_arrived, &w, BT_WAIT_MS));
+    assert_int_equal(fake_ack_of(b, 11), BUS_ACK); /* the running call */
+    assert_int_equal(bus_ctx_close(ctx), 0);
+    /* The queued ones were dropped (not acked: the broker redelivers). */
+    assert_int_equal(fake_ack_of(b, 12), -1);
+    assert_int_equal(fake_ack_of(b, 13), -1);
+    assert_int_equal(fake_ack_of(b, 20), BUS_ACK);
+    assert_int_equal(atomic_load(&st->acks_unsubscribed), 0);
+    assert_int_equal(fake_n_subs(b), 0);
+    bus_event_unref(e);
+    bus_broker_close(b);
+    bt_gate_fini(&gate);
+}
+
+typedef struct detacher {
+    bus_ctx *ctx;
+    bus_broker *b;
+    atomic_int rv;
+    atomic_int done;
+} detacher;
+
+static void *
+detach_thread(void *arg)
+{
+    detacher *d = arg;
+
+    atomic_store(&d->rv, bus_ctx_detach(d->ctx, d->b));
+    atomic_store(&d->done, 1);
+    return NULL;
+}
+
+static void
+test_detach_waits_for_queued_deliveries_to_ack(void **state)
+{
+    bus_sub_config qc = bt_sub_cfg(BUS_DISPATCH_QUEUED);
+    bus_ctx *ctx = bt_ctx_open(1);
+    bus_broker *b = open_broker("fake://detach-acks");
+    fake_state *st = fake_of(b);
+    detacher d;
+    bt_gate gate;
+    pthread_t th;
+    bus_event *e;
+    uint64_t t, t0;
+
+    (void)state;
+    bt_gate_init(&gate);
+    assert_int_equal(bus_ctx_attach(ctx, b, NULL), BUS_OK);
+    assert_int_equal(
+        bus_subscribe(ctx, "a", hold_first_handler, &gate, &qc, NULL), BUS_OK);
+    e = bt_event_u64(NULL, 1);
+    for (t = 31; t <= 33; t++)
+        assert_int_equal(fake_deliver(b, "a", e, t), 1);
+    assert_true(bt_gate_wait_entered(&gate, 1));
+    memset(&d, 0, sizeof(d));
+    d.ctx = ctx;
+    d.b = b;
+    assert_int_equal(pthread_create(&th, NULL, detach_thread, &d), 0);
+    /* Detach cannot finish while entries with tokens are pending: the
+     * backend subscription stays (no condition to wait on for "still
+     * waiting", so look for a while). */
+    t0 = bt_now_ns();
+    while (bt_now_ns() - t0 < 20000000u) {
+        assert_int_equal(atomic_load(&d.done), 0);
+        assert_int_equal(fake_n_subs(b), 1);
+        sched_yield();
+    }
+    bt_gate_open(&gate);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_int_equal(atomic_load(&d.rv), BUS_OK);
+    for (t = 31; t <= 33; t++)
+        assert_int_equal(fake_ack_of(b, t), BUS_ACK);
+    assert_int_equal(atomic_load(&st->acks_unsubscribed), 0);
+    assert_int_equal(fake_n_subs(b), 0);
+    /* Local again, the subscription works without the broker. */
+    bt_publish_u64(ctx, "a", NULL, 2);
+    assert_int_equal(bus_ctx_close(ctx), 0);
+    bus_event_unref(e);
+    bus_broker_close(b);
+    bt_gate_fini(&gate);
+}
+
 int
 main(void)
 {
@@ -556,6 +722,9 @@ main(void)
         cmocka_unit_test(test_a_full_queue_refuses_a_broker_delivery),
         cmocka_unit_test(test_subscribe_fails_when_an_attached_broker_refuses),
         cmocka_unit_test(test_publish_ack_through_two_brokers_runs_once),
+        cmocka_unit_test(
+            test_unsubscribe_from_another_handler_keeps_pending_acks_valid),
+        cmocka_unit_test(test_detach_waits_for_queued_deliveries_to_ack),
     };
 
     bt_filter_from_env();

@@ -1,4 +1,5 @@
 /* bus_event: building, references, getters, setters, freezing, faults. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -316,6 +317,61 @@ test_alloc_failures_are_clean(void **state)
     bus_event_unref(e);
 }
 
+/* Event blocks come from per-thread caches (event.c): blocks freed by
+ * another thread go back to their cache, and the cache of an exited
+ * thread is adopted by the next one, with blocks still in flight. */
+#define XT_N 2000
+
+typedef struct xt_batch {
+    bus_event *ev[XT_N];
+} xt_batch;
+
+static void *
+xt_make(void *arg)
+{
+    xt_batch *b = arg;
+    size_t i;
+
+    for (i = 0; i < XT_N; i++) {
+        static _Thread_local char payload[64 + 7 * 300];
+        size_t len = 64 + (i % 8) * 300; /* several size classes */
+        memset(payload, (int)(i & 0xff), len);
+        if (bus_event_new(&b->ev[i], "t.cache", payload, len) != BUS_OK)
+            abort();
+    }
+    return NULL;
+}
+
+static void
+test_blocks_freed_on_other_threads_and_after_exit(void **state)
+{
+    static xt_batch a, b;
+    pthread_t th;
+    size_t i;
+
+    (void)state;
+    /* Made on a thread that exits before they are freed (here). */
+    assert_int_equal(pthread_create(&th, NULL, xt_make, &a), 0);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    for (i = 0; i < XT_N; i++) {
+        const unsigned char *p = bus_event_payload(a.ev[i]);
+        assert_int_equal(bus_event_payload_len(a.ev[i]), 64 + (i % 8) * 300);
+        assert_int_equal(p[0], (unsigned char)(i & 0xff));
+        bus_event_unref(a.ev[i]);
+    }
+    /* The next thread adopts that cache and reuses the blocks. */
+    assert_int_equal(pthread_create(&th, NULL, xt_make, &b), 0);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    for (i = 0; i < XT_N; i++) {
+        assert_int_equal(bus_event_payload_len(b.ev[i]), 64 + (i % 8) * 300);
+        bus_event_unref(b.ev[i]);
+    }
+    /* And here, made and freed by one thread, interleaved. */
+    xt_make(&a);
+    for (i = 0; i < XT_N; i++)
+        bus_event_unref(a.ev[i]);
+}
+
 int
 main(void)
 {
@@ -329,6 +385,7 @@ main(void)
         cmocka_unit_test(test_clone_is_unfrozen_copy),
         cmocka_unit_test(test_create_is_one_allocation),
         cmocka_unit_test(test_alloc_failures_are_clean),
+        cmocka_unit_test(test_blocks_freed_on_other_threads_and_after_exit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,7 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/membarrier.h>
+#endif
+#include <stdatomic.h>
 
 #include <bus/err.h>
 
@@ -184,6 +190,66 @@ bus__clock_real_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+_Static_assert(sizeof(pthread_key_t) <= sizeof(uintptr_t),
+               "bus__tls too small for pthread_key_t");
+
+int
+bus__tls_create(bus__tls *k, void (*dtor)(void *))
+{
+    pthread_key_t key;
+
+    if (pthread_key_create(&key, dtor) != 0)
+        return BUS_EAGAIN;
+    k->key = (uintptr_t)key;
+    return BUS_OK;
+}
+
+void
+bus__tls_set(bus__tls *k, void *value)
+{
+    (void)pthread_setspecific((pthread_key_t)k->key, value);
+}
+
+/* 0: not tried, 1: available, -1: not available. */
+static atomic_int membarrier_state;
+
+bool
+bus__membarrier_init(void)
+{
+    int st = atomic_load_explicit(&membarrier_state, memory_order_acquire);
+
+    if (st != 0)
+        return st > 0;
+#if defined(__linux__) && defined(SYS_membarrier)
+    {
+        long cmds = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+        /* Registering is idempotent, so two threads racing here agree. */
+        if (cmds >= 0 && (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED)
+            && syscall(SYS_membarrier,
+                       MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0)
+                   == 0)
+            st = 1;
+        else
+            st = -1;
+    }
+#else
+    st = -1;
+#endif
+    atomic_store_explicit(&membarrier_state, st, memory_order_release);
+    return st > 0;
+}
+
+bool
+bus__membarrier(void)
+{
+#if defined(__linux__) && defined(SYS_membarrier)
+    return syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)
+        == 0;
+#else
+    return false;
+#endif
+}
+
 void
 bus__sleep_ns(uint64_t ns)
 {
@@ -196,8 +262,8 @@ bus__sleep_ns(uint64_t ns)
 }
 
 /* xoshiro256** per thread, seeded from getrandom(2). */
-static _Thread_local uint64_t rng_s[4];
-static _Thread_local bool rng_seeded;
+static BUS__TLS uint64_t rng_s[4];
+static BUS__TLS bool rng_seeded;
 
 static uint64_t
 rng_rotl(uint64_t x, int k)
