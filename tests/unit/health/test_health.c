@@ -471,6 +471,15 @@ test_deregister_hung_check_times_out(void **state)
     assert_int_equal(bus_health_run(h, 0, &r), BUS_OK);
     assert_true(r->checks[0].timed_out);
     bus_health_report_free(r);
+    /* Under load the check's thread may not have begun the call within
+     * its 50 ms; deregister then rightly returns BUS_OK (nothing runs).
+     * This test is about a call that is running: wait until it is. */
+    {
+        uint64_t limit = bus__clock_mono_ns() + 10000 * MS;
+        while (atomic_load(&b.calls) == 0 && bus__clock_mono_ns() < limit)
+            bus__sleep_ns(MS);
+        assert_int_equal(atomic_load(&b.calls), 1);
+    }
     t0 = bus__clock_mono_ns();
     assert_int_equal(bus_health_deregister(c), BUS_ETIMEDOUT);
     took = bus__clock_mono_ns() - t0;
