@@ -4,13 +4,18 @@
  *
  * Design:
  * - A stream read takes a snapshot, reads the stream's records (last
- *   version, policy) and walks its index entries, fetching each event from
- *   the log; the policy gives the lowest visible version up front
- *   (truncate-before, max count), max age is checked per event.
+ *   version, policy) and walks its index runs, reading the events from
+ *   the log with one iterator: a run's events sit at consecutive
+ *   positions, so within a run (and across short gaps) the next event is
+ *   one iterator step away instead of a point lookup. The policy gives the
+ *   lowest visible version up front (truncate-before, max count); only a
+ *   type filter or a max age makes it peek at an envelope before
+ *   decoding.
  * - An $all read walks the log with one iterator (its own snapshot). To
  *   filter and check visibility without decoding, it peeks at the
- *   envelope's stream, type, version and timestamp (the codec writes them
- *   before headers and payload); only kept events are decoded.
+ *   envelope's id, stream, type, version and timestamp (the codec writes
+ *   them before headers and payload); only kept events are decoded,
+ *   straight from the iterator's value (one copy, into the event).
  * - Visibility in $all needs each stream's policy. Streams with a policy
  *   are few; their policies are kept in memory (pol_tab, under pol_mtx),
  *   loaded at open and updated by the writer after each commit, so a read
@@ -256,10 +261,17 @@ bus__store_peek(const void *buf, size_t len, store_peek *pk)
     mp_reader_init(&r, buf, len);
     if (mp_read_map(&r, &n) != BUS_OK)
         return BUS_EPROTO;
-    for (i = 0; i < n && seen != 0xf; i++) {
+    for (i = 0; i < n && seen != 0x1f; i++) {
         if (mp_read_str(&r, &k, &kl) != BUS_OK)
             return BUS_EPROTO;
-        if (kl == 4 && memcmp(k, "type", 4) == 0) {
+        if (kl == 2 && k[0] == 'i' && k[1] == 'd') {
+            const uint8_t *id;
+            size_t idl;
+            if (mp_read_bin(&r, &id, &idl) != BUS_OK || idl != 16)
+                return BUS_EPROTO;
+            pk->id = id;
+            seen |= 0x10;
+        } else if (kl == 4 && memcmp(k, "type", 4) == 0) {
             if (mp_read_str(&r, &pk->type, &pk->type_len) != BUS_OK)
                 return BUS_EPROTO;
             seen |= 1;
@@ -517,8 +529,6 @@ bus_store_read_all(bus_store *s, uint64_t from_position,
 
 /* ---- One stream ---------------------------------------------------------- */
 
-#define READ_CHUNK 64
-
 /* A cursor over a stream's versions, walking its index runs. */
 typedef struct run_cur {
     rocksdb_iterator_t *it;
@@ -610,6 +620,68 @@ run_next(run_cur *c, uint64_t *ver, uint64_t *pos)
     return true;
 }
 
+/* A cursor over the log that reaches positions in one direction. A
+ * stream's events sit in runs of consecutive positions (one per append)
+ * separated by other streams' events: within a run, and across a short
+ * gap, the next record is one iterator step away, which costs a fraction
+ * of a seek (a seek searches the memtable's skiplist and every level from
+ * the top). Farther away, it seeks. */
+#define LOG_STEP_MAX 12
+
+typedef struct log_cur {
+    rocksdb_iterator_t *it;
+    bool fwd;
+    bool have;    /* the iterator is on a record and at is its position */
+    uint64_t at;
+} log_cur;
+
+/* Puts the cursor on position pos. Returns BUS_OK with *val (valid until
+ * the cursor moves), BUS_ENOTFOUND when the log has no such record, or
+ * BUS_ECORRUPT. */
+static int
+log_cur_get(log_cur *c, uint64_t pos, const char **val, size_t *vl)
+{
+    uint8_t k[8];
+    const char *key;
+    size_t kl, steps = 0;
+
+    if (c->have && (c->fwd ? c->at < pos && pos - c->at <= LOG_STEP_MAX
+                           : c->at > pos && c->at - pos <= LOG_STEP_MAX)) {
+        while (c->have && (c->fwd ? c->at < pos : c->at > pos) &&
+               steps++ <= LOG_STEP_MAX) {
+            if (c->fwd)
+                rocksdb_iter_next(c->it);
+            else
+                rocksdb_iter_prev(c->it);
+            c->have = rocksdb_iter_valid(c->it);
+            if (c->have) {
+                key = rocksdb_iter_key(c->it, &kl);
+                if (kl != 8)
+                    return BUS_ECORRUPT;
+                c->at = store_get_be64(key);
+            }
+        }
+    }
+    if (!c->have || c->at != pos) {
+        store_put_be64(k, pos);
+        if (c->fwd)
+            rocksdb_iter_seek(c->it, (const char *)k, 8);
+        else
+            rocksdb_iter_seek_for_prev(c->it, (const char *)k, 8);
+        c->have = rocksdb_iter_valid(c->it);
+        if (!c->have)
+            return BUS_ENOTFOUND;
+        key = rocksdb_iter_key(c->it, &kl);
+        if (kl != 8)
+            return BUS_ECORRUPT;
+        c->at = store_get_be64(key);
+        if (c->at != pos)
+            return BUS_ENOTFOUND;
+    }
+    *val = rocksdb_iter_value(c->it, vl);
+    return BUS_OK;
+}
+
 int
 bus__store_read_stream(bus_store *s, const char *stream, size_t slen,
                        uint64_t from, bus_store_direction dir, size_t max_count,
@@ -619,18 +691,20 @@ bus__store_read_stream(bus_store *s, const char *stream, size_t slen,
     rocksdb_readoptions_t *ro;
     rocksdb_iterator_t *it = NULL;
     uint8_t k[STORE_KEY_BUF];
-    uint64_t last, lo, ver = 0;
+    uint64_t last, lo, ver = 0, pos;
     int64_t now_ms = bus__clock_real_ns() / 1000000;
     store_policy pol;
-    size_t klen, scanned = 0, max_scan;
+    size_t scanned = 0, max_scan;
     run_cur rc;
+    log_cur lc;
     char *err = NULL;
     int rv;
-    bool fwd = dir == BUS_STORE_FORWARD;
+    bool fwd = dir == BUS_STORE_FORWARD, peek;
 
     if ((rv = BUS_FAILPOINT("store.read")) != 0)
         return rv;
     max_scan = max_count > SIZE_MAX / 64 ? SIZE_MAX : max_count * 64;
+    memset(&lc, 0, sizeof(lc));
     ro = rocksdb_readoptions_create();
     snap = rocksdb_create_snapshot(s->db);
     rocksdb_readoptions_set_snapshot(ro, snap);
@@ -670,8 +744,9 @@ bus__store_read_stream(bus_store *s, const char *stream, size_t slen,
     }
     out->next = ver;
     it = rocksdb_create_iterator_cf(s->db, ro, s->cf[CF_STREAMS]);
-    klen = store_key_stream(k, stream, slen, ver);
-    (void)klen;
+    lc.it = rocksdb_create_iterator_cf(s->db, ro, s->cf[CF_LOG]);
+    lc.fwd = fwd;
+    (void)store_key_stream(k, stream, slen, ver);
     memset(&rc, 0, sizeof(rc));
     rc.it = it;
     rc.k = k;
@@ -679,106 +754,72 @@ bus__store_read_stream(bus_store *s, const char *stream, size_t slen,
     rc.fwd = fwd;
     run_seek(&rc, stream, ver);
     out->end = false;
-    for (;;) {
-        /* A chunk of versions from the index runs, then their records in
-         * one MultiGet (sorted keys, batched block reads). */
-        uint64_t vers[READ_CHUNK], poss[READ_CHUNK];
-        uint8_t keys[READ_CHUNK][8];
-        const char *kptr[READ_CHUNK];
-        size_t ksz[READ_CHUNK], n = 0, i, want;
-        rocksdb_pinnableslice_t *vals[READ_CHUNK];
-        char *errs[READ_CHUNK];
-        bool exhausted = false, stop = false;
+    /* Versions lo..last are visible but for max age (truncate-before and
+     * max count made lo); only a type filter or a max age needs a look
+     * at the envelope before decoding. */
+    peek = f->types != NULL || pol.max_age_ms != 0;
+    while (out->count < max_count && scanned < max_scan) {
+        const char *val;
+        store_peek pk;
+        bus_event *e;
+        size_t vl;
 
-        want = max_count > out->count ? max_count - out->count : 0;
-        want = want < 8 ? 8 : want > READ_CHUNK ? READ_CHUNK : want;
-        while (n < want) {
-            if (!run_next(&rc, &vers[n], &poss[n]) || (fwd && vers[n] > last) ||
-                (!fwd && vers[n] < lo)) {
-                exhausted = true;
-                break;
-            }
-            n++;
-        }
-        if (rc.err != BUS_OK) {
-            rv = rc.err;
+        if (!run_next(&rc, &ver, &pos) || (fwd && ver > last) ||
+            (!fwd && ver < lo)) {
+            if (rc.err != BUS_OK)
+                rv = rc.err;
+            else
+                out->end = true;
             break;
         }
-        if (n == 0) {
-            out->end = true;
-            break;
-        }
-        for (i = 0; i < n; i++) {
-            size_t j = fwd ? i : n - 1 - i;
-            store_put_be64(keys[j], poss[i]);
-            kptr[j] = (const char *)keys[j];
-            ksz[j] = 8;
-        }
-        rocksdb_batched_multi_get_cf(s->db, ro, s->cf[CF_LOG], n, kptr, ksz,
-                                     vals, errs, true);
-        for (i = 0; i < n; i++) {
-            size_t j = fwd ? i : n - 1 - i, vl;
-            const char *val;
-            store_peek pk;
-            bus_event *e;
-
-            if (rv != BUS_OK || stop)
-                continue; /* still free what MultiGet returned */
-            if (out->count >= max_count || scanned >= max_scan) {
-                stop = true;
-                continue;
-            }
-            scanned++;
-            out->next = fwd ? vers[i] + 1 : vers[i] - 1;
-            if (errs[j] != NULL) {
-                rv = bus__store_rdb_err(s, errs[j], "read stream event");
-                errs[j] = NULL;
-                continue;
-            }
-            if (vals[j] == NULL) {
+        scanned++;
+        out->next = fwd ? ver + 1 : ver - 1;
+        if ((rv = log_cur_get(&lc, pos, &val, &vl)) != BUS_OK) {
+            if (rv == BUS_ENOTFOUND) {
                 bus__store_logf(s, BUS_LOG_ERR,
                                 "stream index points to a "
                                 "missing log record %llu",
-                                (unsigned long long)poss[i]);
+                                (unsigned long long)pos);
                 rv = BUS_ECORRUPT;
-                continue;
             }
-            val = rocksdb_pinnableslice_value(vals[j], &vl);
+            break;
+        }
+        if (peek) {
             if (bus__store_peek(val, vl, &pk) != BUS_OK) {
                 rv = BUS_ECORRUPT;
+                break;
+            }
+            if (!bus__store_filter_match(f, &pk) ||
+                !bus__store_visible(&pol, last, ver, pk.ts, now_ms))
                 continue;
-            }
-            if (bus__store_filter_match(f, &pk) &&
-                bus__store_visible(&pol, last, vers[i], pk.ts, now_ms)) {
-                rv = bus__store_decode(s, val, vl, poss[i], &e);
-                if (rv == BUS_OK &&
-                    (rv = bus__store_slice_push(out, e)) != BUS_OK)
-                    bus_event_unref(e);
-            }
         }
-        for (i = 0; i < n; i++) {
-            if (vals[i] != NULL)
-                rocksdb_pinnableslice_destroy(vals[i]);
-            if (errs[i] != NULL)
-                rocksdb_free(errs[i]);
-        }
-        if (rv != BUS_OK || stop)
+        if ((rv = bus__store_decode(s, val, vl, pos, &e)) != BUS_OK)
             break;
-        if (exhausted) {
-            out->end = true;
+        if ((rv = bus__store_slice_push(out, e)) != BUS_OK) {
+            bus_event_unref(e);
             break;
         }
     }
+    /* Stopped by a limit: the end only if no version follows. */
+    if (rv == BUS_OK && !out->end)
+        out->end = rc.err == BUS_OK &&
+                   (!rc.have || (fwd ? rc.v > last : rc.v < lo));
+    if (rv == BUS_OK && rc.err != BUS_OK)
+        rv = rc.err;
     if (out->end && !fwd)
         out->next = 0;
     if (rv == BUS_OK) {
         rocksdb_iter_get_error(it, &err);
+        if (err == NULL)
+            rocksdb_iter_get_error(lc.it, &err);
         if (err != NULL)
             rv = bus__store_rdb_err(s, err, "read stream");
     }
 out:
     if (it != NULL)
         rocksdb_iter_destroy(it);
+    if (lc.it != NULL)
+        rocksdb_iter_destroy(lc.it);
     rocksdb_release_snapshot(s->db, snap);
     rocksdb_readoptions_destroy(ro);
     return rv;

@@ -9,8 +9,9 @@
  *   produces are in one WriteBatch, so after a crash RocksDB's WAL replay
  *   (point-in-time recovery) gives either all of them or none: the store
  *   needs no repair step of its own. Opening recovers only in-memory
- *   state: the head (last key of the log), the greatest event id (last key
- *   of the id index) and the retention policies.
+ *   state: the head (last key of the log), the id index's tail (the fresh
+ *   events above its watermark, from the log) and greatest id, and the
+ *   retention policies.
  * - A path is a store when it holds a RocksDB database whose default
  *   family has our "format" record. A path that is a file, a directory
  *   with foreign content, or a RocksDB without the record is refused with
@@ -149,12 +150,18 @@ bus__store_rdb_err(bus_store *s, char *err, const char *what)
 bool
 bus__store_name_ok(const char *name, size_t *len, size_t max)
 {
-    size_t n;
+    size_t n, i;
 
     if (name == NULL)
         return false;
     n = strlen(name);
-    if (n == 0 || n > max || !bus__utf8_valid(name, n))
+    if (n == 0 || n > max)
+        return false;
+    /* Names are nearly always ASCII: only others need the full check. */
+    for (i = 0; i < n; i++)
+        if ((unsigned char)name[i] >= 0x80)
+            break;
+    if (i < n && !bus__utf8_valid(name + i, n - i))
         return false;
     *len = n;
     return true;
@@ -505,7 +512,7 @@ store_write_format(bus_store *s)
     uint8_t v[4];
     char *err = NULL;
 
-    store_put_be32(v, BUS_STORE_FORMAT_VERSION);
+    store_put_be32(v, STORE_FORMAT_VERSION);
     rocksdb_put_cf(s->db, s->wo_sync, s->cf[CF_DEFAULT], FORMAT_KEY,
                    strlen(FORMAT_KEY), (const char *)v, sizeof(v), &err);
     if (err != NULL)
@@ -568,10 +575,19 @@ store_check_format(bus_store *s, bool create, char *errbuf, size_t errlen)
     }
     ver = store_get_be32(val);
     rocksdb_free(val);
-    if (ver > BUS_STORE_FORMAT_VERSION) {
+    if (ver > STORE_FORMAT_VERSION) {
         store_errf(errbuf, errlen,
                    "%s has store format %u, newer than this library's %u",
-                   s->path, ver, (unsigned)BUS_STORE_FORMAT_VERSION);
+                   s->path, ver, (unsigned)STORE_FORMAT_VERSION);
+        return BUS_EVERSION;
+    }
+    if (ver != 0 && ver < STORE_FORMAT_VERSION) {
+        /* Format 1 (one id record per event) came before any release;
+         * there is no migration. */
+        store_errf(errbuf, errlen,
+                   "%s has store format %u, which this library (format %u) "
+                   "cannot read",
+                   s->path, ver, (unsigned)STORE_FORMAT_VERSION);
         return BUS_EVERSION;
     }
     if (ver == 0) {
@@ -665,7 +681,7 @@ out:
 }
 
 /* In-memory state from the records: head (last log key, or the floor a
- * scavenge left), greatest id. */
+ * scavenge left), the id index's tail and the greatest id. */
 static int
 store_recover(bus_store *s)
 {
@@ -695,20 +711,8 @@ store_recover(bus_store *s)
         rocksdb_free(v);
     }
     s->w.next_pos = atomic_load(&s->head) + 1;
-
-    it = rocksdb_create_iterator_cf(s->db, s->ro, s->cf[CF_IDS]);
-    rocksdb_iter_seek_to_last(it);
-    if (rocksdb_iter_valid(it)) {
-        k = rocksdb_iter_key(it, &klen);
-        if (klen != sizeof(bus_uuid)) {
-            rocksdb_iter_destroy(it);
-            bus__store_logf(s, BUS_LOG_ERR, "id key of %zu bytes", klen);
-            return BUS_ECORRUPT;
-        }
-        memcpy(s->w.max_id.b, k, sizeof(bus_uuid));
-    }
-    rocksdb_iter_destroy(it);
-    return BUS_OK;
+    /* The id index: its tail and the greatest id (writer.c). */
+    return bus__store_ids_recover(s);
 }
 
 int
@@ -777,6 +781,7 @@ bus_store_open(bus_store **out, const bus_store_config *cfg, char *errbuf,
                    s->path, bus_strerror(rv));
         goto fail;
     }
+    s->ready = true;
     bus__store_logf(s, BUS_LOG_INFO, "opened %s: head %llu, %s", s->path,
                     (unsigned long long)atomic_load(&s->head),
                     exists ? "existing" : "created");
@@ -833,6 +838,10 @@ bus_store_close(bus_store *s)
             bus__cond_wait(&s->wq_idle, &s->wq_mtx);
         bus__mutex_unlock(&s->wq_mtx);
     }
+    /* No writer is active and none can start: write the id index's tail so
+     * that the next open has nothing to rebuild. */
+    if (s->ready)
+        bus__store_flush_ids_final(s);
     bus__store_writer_fini(s);
     bus__store_pol_fini(s);
     if (s->db != NULL)

@@ -13,6 +13,7 @@
  * byte order is numeric order:
  *   default      "format"                      -> u32 format version
  *                "floor"                       -> u64 head floor (scavenge)
+ *                "idx"                         -> u64 id index watermark
  *   log          u64 position                  -> envelope (codec.h)
  *   streams      u64 hash(stream) stream 0x00 u64 first version
  *                                              -> u64 position, u32 count
@@ -20,7 +21,8 @@
  *                                                 only by scavenge (else the
  *                                                 last index entry's)
  *                'm' stream                    -> policy record
- *   ids          16-byte event id              -> u64 pos, u64 ver, stream
+ *   ids          'e' 16-byte event id          -> u64 position
+ *                'r' 16-byte event id          -> id run (see below)
  *   checkpoints  'c' name                      -> u64 position
  *                'd' name 0x00 u64 position    -> dead-letter record
  *   outbox       (reserved for the outbox)
@@ -53,7 +55,13 @@ enum {
 };
 extern const char *const bus__store_cf_names[CF_COUNT];
 
+/* The on-disk layout this code reads and writes (the "format" record).
+ * 2: the id index holds runs and exceptions ('r', 'e' keys) and the
+ * "idx" watermark. 1 (per-event 16-byte id keys) is refused. */
+#define STORE_FORMAT_VERSION 2u
+
 #define STORE_FLOOR_KEY "floor"
+#define STORE_IDX_KEY "idx"
 #define STORE_MAX_STREAM 4096u
 #define STORE_MAX_NAME 255u  /* checkpoint names */
 #define STORE_MAX_KEY 65535u /* application keys */
@@ -90,17 +98,30 @@ store_policy_eq(const store_policy *a, const store_policy *b)
 static inline void
 store_put_be64(uint8_t *p, uint64_t v)
 {
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) &&                           \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    v = __builtin_bswap64(v);
+    memcpy(p, &v, 8);
+#else
     int i;
 
     for (i = 7; i >= 0; i--) {
         p[i] = (uint8_t)v;
         v >>= 8;
     }
+#endif
 }
 
 static inline uint64_t
 store_get_be64(const void *q)
 {
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) &&                           \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+
+    memcpy(&v, q, 8);
+    return __builtin_bswap64(v);
+#else
     const uint8_t *p = q;
     uint64_t v = 0;
     int i;
@@ -108,6 +129,7 @@ store_get_be64(const void *q)
     for (i = 0; i < 8; i++)
         v = v << 8 | p[i];
     return v;
+#endif
 }
 
 static inline void
@@ -164,14 +186,22 @@ void bus__store_buf_free(store_buf *b);
  * instead of searching the skiplist from the top. Nothing needs the index
  * in stream-name order (name-prefix filters read the log). */
 #define STORE_SKEY_HASH 8u
+/* As store_key_stream, with the stream's hash already known. */
 static inline size_t
-store_key_stream(uint8_t *k, const char *stream, size_t slen, uint64_t ver)
+store_key_stream_h(uint8_t *k, uint64_t hash, const char *stream, size_t slen,
+                   uint64_t ver)
 {
-    store_put_be64(k, store_hash(stream, slen));
+    store_put_be64(k, hash);
     memcpy(k + STORE_SKEY_HASH, stream, slen);
     k[STORE_SKEY_HASH + slen] = 0;
     store_put_be64(k + STORE_SKEY_HASH + slen + 1, ver);
     return STORE_SKEY_HASH + slen + 9;
+}
+
+static inline size_t
+store_key_stream(uint8_t *k, const char *stream, size_t slen, uint64_t ver)
+{
+    return store_key_stream_h(k, store_hash(stream, slen), stream, slen, ver);
 }
 
 /* A stream-index value describes a run: the versions first..first+n-1
@@ -217,6 +247,89 @@ store_key_stream_match(const void *key, size_t kl, const uint8_t *k,
     return true;
 }
 
+/* ---- The event-id index ---------------------------------------------------
+ *
+ * Idempotent appends look event ids up; almost all of them are new
+ * UUIDv7s, greater than the ids already in the index's records, which
+ * need no record of their own per event:
+ *
+ * - The writer keeps the ids of recent events in memory (the tail,
+ *   sorted by id) and writes them every STORE_TAIL_FLUSH positions as one
+ *   run record ('r', keyed by its first id, holding (position, id) pairs
+ *   sorted by id), with the "idx" watermark: every event at or below it
+ *   is in a run or has an 'e' record. After a crash, open rebuilds the
+ *   tail from the log records above the watermark without an 'e' record.
+ * - An event goes to the tail when its id is above every id of the
+ *   index's records (runs_max): so runs are disjoint and ordered, and the
+ *   run that may hold an id is the one with the greatest key not above it
+ *   (one seek_for_prev). Ids slightly out of order (concurrent appenders)
+ *   still qualify; an older id (another clock, an event appended long
+ *   after it was made) gets an 'e' record of its own, in the batch of its
+ *   event. An id above runs_max needs no lookup in the records at all.
+ * - A run record's value: u64 base (lowest) position, then per event u32
+ *   position - base and the 16-byte id. Scavenge removes entries in place
+ *   and keeps the key (still not above any remaining id, so runs stay
+ *   ordered), deleting the record when it is empty. */
+#define STORE_IDK_LEN 17u
+#define STORE_IDK_EXC 'e'
+#define STORE_IDK_RUN 'r'
+#define STORE_IDRUN_HDR 8u
+#define STORE_IDRUN_ENT 20u
+#define STORE_TAIL_FLUSH 512u
+#define STORE_RECENT_IDS 8192u /* run entries the writer keeps (above) */
+
+static inline void
+store_key_id(uint8_t *k, char tag, const bus_uuid *id)
+{
+    k[0] = (uint8_t)tag;
+    memcpy(k + 1, id->b, 16);
+}
+
+static inline bool
+store_idrun_ok(size_t vl)
+{
+    return vl > STORE_IDRUN_HDR && (vl - STORE_IDRUN_HDR) % STORE_IDRUN_ENT == 0;
+}
+
+static inline size_t
+store_idrun_n(size_t vl)
+{
+    return (vl - STORE_IDRUN_HDR) / STORE_IDRUN_ENT;
+}
+
+static inline const uint8_t *
+store_idrun_id(const void *v, size_t i)
+{
+    return (const uint8_t *)v + STORE_IDRUN_HDR + i * STORE_IDRUN_ENT + 4;
+}
+
+static inline uint64_t
+store_idrun_pos(const void *v, size_t i)
+{
+    return store_get_be64(v) +
+           store_get_be32((const uint8_t *)v + STORE_IDRUN_HDR +
+                          i * STORE_IDRUN_ENT);
+}
+
+/* The position of id in a run value (vl bytes, checked), or 0. */
+static inline uint64_t
+store_idrun_find(const void *v, size_t vl, const bus_uuid *id)
+{
+    size_t lo = 0, hi = store_idrun_n(vl);
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = memcmp(store_idrun_id(v, mid), id->b, 16);
+        if (c == 0)
+            return store_idrun_pos(v, mid);
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
 static inline size_t
 store_key_meta(uint8_t *k, char tag, const char *stream, size_t slen)
 {
@@ -247,6 +360,7 @@ typedef struct store_stream {
 typedef struct store_part {
     const char *stream;
     size_t slen;
+    uint64_t shash; /* store_hash(stream), set by the writer */
     uint64_t expected;
     bus_event *const *events;
     size_t n;
@@ -265,7 +379,8 @@ typedef struct store_op {
 typedef enum store_req_kind {
     REQ_WRITE = 1, /* appends and/or key-value operations */
     REQ_META,      /* set a stream's retention policy */
-    REQ_DELETE     /* soft or hard delete */
+    REQ_DELETE,    /* soft or hard delete */
+    REQ_FLUSH_IDS  /* write the id index's tail now (scavenge) */
 } store_req_kind;
 
 typedef struct store_req {
@@ -295,7 +410,14 @@ typedef struct store_pid {
     uint64_t pos;
     uint32_t req_seq; /* which request of the group added it */
     uint32_t hnext;   /* chain, index + 1; 0 ends */
+    bool fresh;       /* above every id of the index: no 'e' record */
 } store_pid;
+
+/* An event of the id index's tail (committed, not yet in a run). */
+typedef struct store_tail_ent {
+    bus_uuid id;
+    uint64_t pos;
+} store_tail_ent;
 
 /* Undo record for a request that fails after changing pending state. */
 typedef struct store_undo {
@@ -328,6 +450,20 @@ typedef struct store_writer {
     size_t pid_tab_size;
     store_undo *undo;
     size_t n_undo, cap_undo;
+    /* the id index (see "The event-id index" above) */
+    store_tail_ent *tail; /* sorted by id */
+    size_t n_tail, cap_tail;
+    bus_uuid runs_max; /* no id of an 'e' or run record is greater */
+    /* The newest run entries this writer wrote, sorted by id: every run
+     * entry at or above recent[0].id is here (older runs hold smaller
+     * ids), so a lookup in that range needs no seek. Entries a scavenge
+     * removed since stay; the log read that confirms a hit notices. */
+    store_tail_ent *recent;
+    size_t n_recent, cap_recent;
+    uint64_t indexed; /* the watermark: positions <= are in the index */
+    bool flush_ids;   /* a flush of the tail was asked for */
+    store_buf runbuf; /* a run record being built */
+    rocksdb_iterator_t *run_it; /* id runs, for this group's lookups */
 } store_writer;
 
 /* ---- Readers' view of retention policies --------------------------------- */
@@ -403,7 +539,8 @@ struct bus_store {
     bus_codec_limits limits;
 
     atomic_bool closing;
-    _Atomic uint64_t head; /* last committed position */
+    _Atomic uint64_t head;    /* last committed position */
+    _Atomic uint64_t indexed; /* the id index's watermark (w.indexed) */
 
     /* group writer queue */
     bus__mutex wq_mtx;
@@ -431,6 +568,7 @@ struct bus_store {
     _Atomic uint64_t st_appends, st_events, st_dups, st_conflicts;
     _Atomic uint64_t st_groups, st_syncs;
     bool mutexes_ready;
+    bool ready; /* opened: the writer's state was recovered */
 };
 
 /* store.c */
@@ -449,6 +587,14 @@ void bus__store_worker_remove(bus_store *s, store_worker *w);
 int bus__store_writer_init(bus_store *s);
 void bus__store_writer_fini(bus_store *s);
 int bus__store_submit(bus_store *s, store_req *r);
+/* Writes the id index's tail through the writer: afterwards every event
+ * committed before the call is at or below s->indexed. */
+int bus__store_flush_ids(bus_store *s);
+/* At close, with no writer active: the same, directly. */
+void bus__store_flush_ids_final(bus_store *s);
+/* Rebuilds the writer's id state at open: the tail from the log records
+ * above the watermark, the greatest id. @thread open. */
+int bus__store_ids_recover(bus_store *s);
 int bus__store_load_stream(bus_store *s, const rocksdb_readoptions_t *ro,
                            const char *stream, size_t slen, uint64_t *last,
                            store_policy *pol);
@@ -469,6 +615,7 @@ bool bus__store_pol_get(bus_store *s, const char *name, size_t len,
 void bus__store_filter_init(store_filter *f, const bus_store_filter *bf);
 /* What the reader needs from an envelope without decoding it. */
 typedef struct store_peek {
+    const uint8_t *id; /* 16 bytes; NULL if the envelope has none */
     const char *type;
     size_t type_len;
     const char *stream;

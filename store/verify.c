@@ -3,14 +3,18 @@
  * by the crash tests after every kill and by the bus-store CLI.
  *
  * Invariants (store_impl.h has the key layout):
- * 1. every log record decodes, names a stream and version, and the id
- *    index maps its id to (position, version, stream);
+ * 1. every log record decodes and names a stream and version; its id has
+ *    an 'e' record pointing to it, or else a run holds it with its
+ *    position (at or below the id index's watermark) or it is in the
+ *    writer's tail (above it), greater than every id of the index's
+ *    records;
  * 2. every stream's index runs cover contiguous versions (scavenge only
  *    removes prefixes) and each version's position holds a record of that
  *    stream and version;
- * 3. as many indexed versions and id entries as records, so no entry
- *    points anywhere else (id entries are checked one by one only when
- *    their count differs).
+ * 3. as many indexed versions as records, and as many 'e' records and run
+ *    entries as the records that use them, so no entry points anywhere
+ *    else (the id family is checked entry by entry only when a count
+ *    differs); runs are well formed, ordered and disjoint.
  * Cost: one pass over each family and two point reads per record.
  */
 #include <stdarg.h>
@@ -28,8 +32,11 @@ typedef struct vctx {
     char *errbuf;
     size_t errlen;
     bool deep;        /* look up every index entry's record too */
+    uint64_t indexed; /* the id index's watermark */
     uint64_t n_index; /* stream-index entries */
-    uint64_t n_ids;   /* id-index entries */
+    uint64_t n_exc;   /* 'e' records */
+    uint64_t n_run;   /* run entries */
+    uint64_t n_exc_used, n_run_used; /* of them, found from the log */
 } vctx;
 
 static void vproblem(vctx *v, const char *fmt, ...) BUS_PRINTF(2, 3);
@@ -61,14 +68,89 @@ vget(vctx *v, int cf, const void *k, size_t klen, size_t *vlen, int *rv)
     return val;
 }
 
+/* Where the id index puts the id of the record at pos; *fresh when it
+ * has no 'e' record. */
+static int
+verify_id_of(vctx *v, rocksdb_iterator_t *runs, const bus_event *e,
+             uint64_t pos, bool *fresh)
+{
+    uint8_t k[STORE_IDK_LEN];
+    const char *key, *val;
+    size_t kl, vl;
+    char *x;
+    int rv = BUS_OK;
+
+    store_key_id(k, STORE_IDK_EXC, &e->id);
+    x = vget(v, CF_IDS, k, sizeof(k), &vl, &rv);
+    *fresh = x == NULL;
+    if (x != NULL) {
+        if (vl != 8 || store_get_be64(x) != pos)
+            vproblem(v, "log record %llu: its id's 'e' record points to %s",
+                     (unsigned long long)pos,
+                     vl != 8 ? "nothing (malformed)" : "another position");
+        else
+            v->n_exc_used++;
+        rocksdb_free(x);
+        return rv;
+    }
+    if (rv != BUS_OK || pos > v->indexed)
+        return rv; /* above the watermark: the writer's tail */
+    k[0] = STORE_IDK_RUN;
+    rocksdb_iter_seek_for_prev(runs, (const char *)k, sizeof(k));
+    if (rocksdb_iter_valid(runs)) {
+        key = rocksdb_iter_key(runs, &kl);
+        val = rocksdb_iter_value(runs, &vl);
+        if (kl == STORE_IDK_LEN && key[0] == STORE_IDK_RUN &&
+            store_idrun_ok(vl) && store_idrun_find(val, vl, &e->id) == pos) {
+            v->n_run_used++;
+            return BUS_OK;
+        }
+    }
+    vproblem(v, "log record %llu: id index entry missing",
+             (unsigned long long)pos);
+    return BUS_OK;
+}
+
+/* The greatest id of the id family's records with tag: an 'e' key, or
+ * the last entry of the last run. */
+static void
+verify_ids_max(rocksdb_iterator_t *it, char tag, bus_uuid *max)
+{
+    uint8_t k[STORE_IDK_LEN];
+    const char *key, *val;
+    size_t kl, vl;
+    const uint8_t *id = NULL;
+
+    k[0] = (uint8_t)tag;
+    memset(k + 1, 0xff, 16);
+    rocksdb_iter_seek_for_prev(it, (const char *)k, sizeof(k));
+    if (!rocksdb_iter_valid(it))
+        return;
+    key = rocksdb_iter_key(it, &kl);
+    val = rocksdb_iter_value(it, &vl);
+    if (kl != STORE_IDK_LEN || key[0] != tag)
+        return;
+    if (tag == STORE_IDK_EXC)
+        id = (const uint8_t *)key + 1;
+    else if (store_idrun_ok(vl))
+        id = store_idrun_id(val, store_idrun_n(vl) - 1);
+    if (id != NULL && memcmp(id, max->b, 16) > 0)
+        memcpy(max->b, id, 16);
+}
+
 static int
 verify_log(vctx *v)
 {
-    rocksdb_iterator_t *it;
+    rocksdb_iterator_t *it, *runs;
     uint64_t prev = 0;
+    bus_uuid max;
     char *err = NULL;
     int rv = BUS_OK;
 
+    memset(&max, 0, sizeof(max));
+    runs = rocksdb_create_iterator_cf(v->s->db, v->ro, v->s->cf[CF_IDS]);
+    verify_ids_max(runs, STORE_IDK_RUN, &max);
+    verify_ids_max(runs, STORE_IDK_EXC, &max);
     it = rocksdb_create_iterator_cf(v->s->db, v->ro, v->s->cf[CF_LOG]);
     for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it) && rv == 0;
          rocksdb_iter_next(it)) {
@@ -77,7 +159,7 @@ verify_log(vctx *v)
         const char *val = rocksdb_iter_value(it, &vl);
         uint64_t pos;
         bus_event *e;
-        char *x;
+        bool fresh;
 
         v->r->events++;
         if (kl != 8) {
@@ -100,22 +182,24 @@ verify_log(vctx *v)
             bus_event_unref(e);
             continue;
         }
-        x = vget(v, CF_IDS, e->id.b, 16, &vl, &rv);
-        if (x == NULL || vl != 16 + e->stream_len || store_get_be64(x) != pos ||
-            store_get_be64(x + 8) != e->stream_version ||
-            memcmp(x + 16, e->stream, e->stream_len) != 0)
-            vproblem(v, "log record %llu: id index entry %s",
-                     (unsigned long long)pos,
-                     x == NULL ? "missing" : "differs");
-        rocksdb_free(x);
+        rv = verify_id_of(v, runs, e, pos, &fresh);
+        if (rv == BUS_OK && fresh && pos > v->indexed &&
+            memcmp(e->id.b, max.b, 16) <= 0)
+            vproblem(v,
+                     "log record %llu: in the writer's tail, but its id is "
+                     "not above the id index's records",
+                     (unsigned long long)pos);
         bus_event_unref(e);
     }
     if (rv == BUS_OK) {
         rocksdb_iter_get_error(it, &err);
+        if (err == NULL)
+            rocksdb_iter_get_error(runs, &err);
         if (err != NULL)
             rv = bus__store_rdb_err(v->s, err, "verify log");
     }
     rocksdb_iter_destroy(it);
+    rocksdb_iter_destroy(runs);
     return rv;
 }
 
@@ -226,47 +310,81 @@ verify_streams(vctx *v)
     return rv;
 }
 
+/* Deep check: the record at pos exists and is the event id. */
+static int
+verify_points(vctx *v, const uint8_t *id, uint64_t pos)
+{
+    uint8_t pk[8];
+    store_peek p;
+    size_t ll;
+    char *rec;
+    int rv = BUS_OK;
+
+    store_put_be64(pk, pos);
+    rec = vget(v, CF_LOG, pk, 8, &ll, &rv);
+    if (rec == NULL) {
+        if (rv == BUS_OK)
+            vproblem(v, "id index entry points to missing log record %llu",
+                     (unsigned long long)pos);
+        return rv;
+    }
+    if (bus__store_peek(rec, ll, &p) != BUS_OK || p.id == NULL ||
+        memcmp(p.id, id, 16) != 0)
+        vproblem(v,
+                 "id index entry points to log record %llu of another "
+                 "event",
+                 (unsigned long long)pos);
+    rocksdb_free(rec);
+    return BUS_OK;
+}
+
 static int
 verify_ids(vctx *v)
 {
     rocksdb_iterator_t *it;
+    uint8_t prev_last[16];
+    bool have_run = false;
     char *err = NULL;
     int rv = BUS_OK;
 
     it = rocksdb_create_iterator_cf(v->s->db, v->ro, v->s->cf[CF_IDS]);
     for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it) && rv == 0;
          rocksdb_iter_next(it)) {
-        size_t kl, vl, ll;
+        size_t kl, vl, n, j;
         const char *key = rocksdb_iter_key(it, &kl);
         const char *val = rocksdb_iter_value(it, &vl);
-        uint8_t pk[8];
-        bus_event *e;
-        char *rec;
 
-        if (kl != 16 || vl < 16) {
+        if (kl == STORE_IDK_LEN && key[0] == STORE_IDK_EXC && vl == 8) {
+            v->n_exc++;
+            if (v->deep)
+                rv = verify_points(v, (const uint8_t *)key + 1,
+                                   store_get_be64(val));
+            continue;
+        }
+        if (kl != STORE_IDK_LEN || key[0] != STORE_IDK_RUN ||
+            !store_idrun_ok(vl)) {
             vproblem(v, "malformed id index entry");
             continue;
         }
-        v->n_ids++;
-        if (!v->deep)
-            continue;
-        memcpy(pk, val, 8);
-        rec = vget(v, CF_LOG, pk, 8, &ll, &rv);
-        if (rec == NULL) {
-            vproblem(v, "id index entry points to missing log record %llu",
-                     (unsigned long long)store_get_be64(pk));
-            continue;
+        /* A run: ids increasing, the key not above the first id, and
+         * every id above the previous run's. */
+        n = store_idrun_n(vl);
+        v->n_run += n;
+        if (memcmp(key + 1, store_idrun_id(val, 0), 16) > 0 ||
+            (have_run && memcmp(prev_last, key + 1, 16) >= 0))
+            vproblem(v, "id run out of order");
+        for (j = 0; j < n; j++) {
+            if (j > 0 && memcmp(store_idrun_id(val, j - 1),
+                                store_idrun_id(val, j), 16) >= 0)
+                vproblem(v, "id run entries out of order");
+            if (store_idrun_pos(val, j) > v->indexed)
+                vproblem(v, "id run entry above the watermark");
+            if (v->deep && rv == BUS_OK)
+                rv = verify_points(v, store_idrun_id(val, j),
+                                   store_idrun_pos(val, j));
         }
-        if (bus__store_decode(v->s, rec, ll, store_get_be64(pk), &e) ==
-            BUS_OK) {
-            if (memcmp(e->id.b, key, 16) != 0)
-                vproblem(v,
-                         "id index entry points to log record %llu of "
-                         "another event",
-                         (unsigned long long)store_get_be64(pk));
-            bus_event_unref(e);
-        }
-        rocksdb_free(rec);
+        memcpy(prev_last, store_idrun_id(val, n - 1), 16);
+        have_run = true;
     }
     if (rv == BUS_OK) {
         rocksdb_iter_get_error(it, &err);
@@ -284,7 +402,7 @@ bus_store_verify(bus_store *s, bus_store_verify_report *r, char *errbuf,
     bus_store_verify_report local;
     const rocksdb_snapshot_t *snap;
     vctx v;
-    int rv;
+    int rv = BUS_OK;
 
     if (r == NULL)
         r = &local;
@@ -304,26 +422,42 @@ bus_store_verify(bus_store *s, bus_store_verify_report *r, char *errbuf,
     rocksdb_readoptions_set_snapshot(v.ro, snap);
     /* Every indexed version was checked to be its record, and every
      * record's id entry to point back to it; with as many indexed versions
-     * and id entries as records there is nothing else. When the id count
-     * differs the id entries are looked up one by one to name the
+     * and id entries as the records use there is nothing else. When an id
+     * count differs the entries are looked up one by one to name the
      * strays. */
     v.deep = false;
-    v.n_index = v.n_ids = 0;
-    rv = verify_log(&v);
+    v.indexed = 0;
+    v.n_index = v.n_exc = v.n_run = v.n_exc_used = v.n_run_used = 0;
+    {
+        size_t vl;
+        char *x = vget(&v, CF_DEFAULT, STORE_IDX_KEY, strlen(STORE_IDX_KEY),
+                       &vl, &rv);
+        if (x != NULL && vl == 8)
+            v.indexed = store_get_be64(x);
+        else if (x != NULL)
+            vproblem(&v, "malformed id index watermark");
+        rocksdb_free(x);
+    }
+    if (rv == BUS_OK)
+        rv = verify_log(&v);
     if (rv == BUS_OK)
         rv = verify_streams(&v);
     if (rv == BUS_OK)
         rv = verify_ids(&v);
-    if (rv == BUS_OK && (v.n_index != r->events || v.n_ids != r->events)) {
+    if (rv == BUS_OK && v.n_index != r->events)
+        vproblem(&v, "%llu log records, %llu indexed versions",
+                 (unsigned long long)r->events, (unsigned long long)v.n_index);
+    if (rv == BUS_OK &&
+        (v.n_exc != v.n_exc_used || v.n_run != v.n_run_used)) {
         vproblem(&v,
-                 "%llu log records, %llu indexed versions, %llu id "
-                 "entries",
-                 (unsigned long long)r->events, (unsigned long long)v.n_index,
-                 (unsigned long long)v.n_ids);
-        if (v.n_ids != r->events) {
-            v.deep = true;
-            rv = verify_ids(&v);
-        }
+                 "%llu 'e' records and %llu run entries, of which the log "
+                 "uses %llu and %llu",
+                 (unsigned long long)v.n_exc, (unsigned long long)v.n_run,
+                 (unsigned long long)v.n_exc_used,
+                 (unsigned long long)v.n_run_used);
+        v.deep = true;
+        v.n_exc = v.n_run = 0;
+        rv = verify_ids(&v);
     }
     rocksdb_release_snapshot(s->db, snap);
     rocksdb_readoptions_destroy(v.ro);

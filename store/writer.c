@@ -27,6 +27,15 @@
  * - The stream cache (last version and policy per stream) is the writer's
  *   own: only the leader touches it, so it needs no lock. Misses load the
  *   meta records; the least recently used clean entry is evicted.
+ * - The event-id index (store_impl.h) costs an append no record per event
+ *   when its ids are above every id of the index's records (new UUIDv7s,
+ *   also slightly out of order from concurrent appenders): the writer
+ *   keeps those in its tail and writes them as run records every
+ *   STORE_TAIL_FLUSH positions, in the batch of a later group, with the
+ *   watermark. Older ids get their 'e' record in their own batch. An
+ *   append so writes its log records and one stream-index entry; the raw
+ *   baseline's single puts write one record, so this is what bounds the
+ *   ratio (docs/store.md, Performance).
  *
  * @thread the leader is whichever appending thread holds the role.
  */
@@ -197,6 +206,11 @@ bus__store_writer_fini(bus_store *s)
     bus__free(w->pids, w->cap_pids * sizeof(*w->pids));
     bus__free(w->pid_tab, w->pid_tab_size * sizeof(*w->pid_tab));
     bus__free(w->undo, w->cap_undo * sizeof(*w->undo));
+    bus__free(w->tail, w->cap_tail * sizeof(*w->tail));
+    bus__free(w->recent, w->cap_recent * sizeof(*w->recent));
+    bus__store_buf_free(&w->runbuf);
+    if (w->run_it != NULL)
+        rocksdb_iter_destroy(w->run_it);
     memset(w, 0, sizeof(*w));
 }
 
@@ -347,6 +361,18 @@ st_touch(bus_store *s, store_stream *st)
 
 /* ---- Pending ids of the group -------------------------------------------- */
 
+/* A bucket hash for the group's ids: a multiply of the two 64-bit halves
+ * (a UUIDv7's low half is random already; this also spreads other ids). */
+static inline uint64_t
+pid_hash(const bus_uuid *id)
+{
+    uint64_t a, b;
+
+    memcpy(&a, id->b, 8);
+    memcpy(&b, id->b + 8, 8);
+    return ((a ^ b) * 0x9e3779b97f4a7c15u) >> 17;
+}
+
 static store_pid *
 pid_find(store_writer *w, const bus_uuid *id)
 {
@@ -354,7 +380,7 @@ pid_find(store_writer *w, const bus_uuid *id)
 
     if (w->pid_tab == NULL)
         return NULL;
-    i = w->pid_tab[store_hash(id->b, 16) & (w->pid_tab_size - 1)];
+    i = w->pid_tab[pid_hash(id) & (w->pid_tab_size - 1)];
     while (i != 0) {
         store_pid *p = &w->pids[i - 1];
         if (memcmp(p->id.b, id->b, 16) == 0)
@@ -380,7 +406,7 @@ pid_rehash(store_writer *w, size_t need)
     w->pid_tab = tab;
     w->pid_tab_size = n;
     for (i = 0; i < w->n_pids; i++) {
-        size_t b = store_hash(w->pids[i].id.b, 16) & (n - 1);
+        size_t b = pid_hash(&w->pids[i].id) & (n - 1);
         w->pids[i].hnext = tab[b];
         tab[b] = (uint32_t)(i + 1);
     }
@@ -389,7 +415,7 @@ pid_rehash(store_writer *w, size_t need)
 
 static int
 pid_add(store_writer *w, const bus_uuid *id, store_stream *st, uint64_t ver,
-        uint64_t pos, uint32_t seq)
+        uint64_t pos, uint32_t seq, bool fresh)
 {
     store_pid *p;
     size_t b;
@@ -406,7 +432,8 @@ pid_add(store_writer *w, const bus_uuid *id, store_stream *st, uint64_t ver,
     p->ver = ver;
     p->pos = pos;
     p->req_seq = seq;
-    b = store_hash(id->b, 16) & (w->pid_tab_size - 1);
+    p->fresh = fresh;
+    b = pid_hash(id) & (w->pid_tab_size - 1);
     p->hnext = w->pid_tab[b];
     w->pid_tab[b] = (uint32_t)(w->n_pids + 1);
     w->n_pids++;
@@ -419,7 +446,7 @@ pid_truncate(store_writer *w, size_t n)
 {
     while (w->n_pids > n) {
         store_pid *p = &w->pids[w->n_pids - 1];
-        size_t b = store_hash(p->id.b, 16) & (w->pid_tab_size - 1);
+        size_t b = pid_hash(&p->id) & (w->pid_tab_size - 1);
         w->pid_tab[b] = p->hnext;
         w->n_pids--;
     }
@@ -428,7 +455,17 @@ pid_truncate(store_writer *w, size_t n)
 static void
 pid_clear(store_writer *w)
 {
-    if (w->pid_tab != NULL && w->n_pids > 0)
+    size_t i;
+
+    if (w->pid_tab == NULL || w->n_pids == 0) {
+        w->n_pids = 0;
+        return;
+    }
+    /* A small group clears its own buckets, a large one the table. */
+    if (w->n_pids * 8 < w->pid_tab_size)
+        for (i = 0; i < w->n_pids; i++)
+            w->pid_tab[pid_hash(&w->pids[i].id) & (w->pid_tab_size - 1)] = 0;
+    else
         memset(w->pid_tab, 0, w->pid_tab_size * sizeof(*w->pid_tab));
     w->n_pids = 0;
 }
@@ -441,14 +478,115 @@ typedef struct id_hit {
     uint64_t pos, ver;
 } id_hit;
 
+/* The position of an id in v[0..n) (sorted by id), or 0. */
+static uint64_t
+ids_find(const store_tail_ent *v, size_t n, const bus_uuid *id)
+{
+    size_t lo = 0, hi = n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = memcmp(v[mid].id.b, id->b, 16);
+        if (c == 0)
+            return v[mid].pos;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
+/* The position of an id in the writer's tail, or 0. */
+static uint64_t
+tail_find(const store_writer *w, const bus_uuid *id)
+{
+    return ids_find(w->tail, w->n_tail, id);
+}
+
+/* The position an id run gives id, or 0. The iterator lives for the
+ * group: runs change only by this writer's own writes (after the group's
+ * lookups) and by scavenge, whose removals id_confirm notices. */
+static int
+run_lookup(bus_store *s, const bus_uuid *id, uint64_t *pos)
+{
+    store_writer *w = &s->w;
+    uint8_t k[STORE_IDK_LEN];
+    const char *key, *val;
+    size_t kl, vl;
+    char *err = NULL;
+
+    *pos = 0;
+    if (w->run_it == NULL)
+        w->run_it = rocksdb_create_iterator_cf(s->db, s->ro, s->cf[CF_IDS]);
+    store_key_id(k, STORE_IDK_RUN, id);
+    rocksdb_iter_seek_for_prev(w->run_it, (const char *)k, sizeof(k));
+    if (rocksdb_iter_valid(w->run_it)) {
+        key = rocksdb_iter_key(w->run_it, &kl);
+        if (kl == STORE_IDK_LEN && key[0] == STORE_IDK_RUN) {
+            val = rocksdb_iter_value(w->run_it, &vl);
+            if (!store_idrun_ok(vl)) {
+                bus__store_logf(s, BUS_LOG_ERR, "corrupt id run record");
+                return BUS_ECORRUPT;
+            }
+            *pos = store_idrun_find(val, vl, id);
+        }
+    }
+    rocksdb_iter_get_error(w->run_it, &err);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read event id index");
+    return BUS_OK;
+}
+
+/* Reads the log record at pos and, if it is the event id, fills h with
+ * its version and stream. A record gone is not found (a scavenge removed
+ * it since the index was read); another event there is damage. */
+static int
+id_confirm(bus_store *s, uint64_t pos, const bus_uuid *id, const char *stream,
+           size_t slen, id_hit *h)
+{
+    uint8_t k[8];
+    store_peek pk;
+    char *v, *err = NULL;
+    size_t vlen;
+    int rv = BUS_OK;
+
+    store_put_be64(k, pos);
+    v = rocksdb_get_cf(s->db, s->ro, s->cf[CF_LOG], (const char *)k, 8, &vlen,
+                       &err);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read log record");
+    if (v == NULL)
+        return BUS_OK;
+    if (bus__store_peek(v, vlen, &pk) != BUS_OK || pk.id == NULL ||
+        pk.stream == NULL || memcmp(pk.id, id->b, 16) != 0) {
+        bus__store_logf(s, BUS_LOG_ERR,
+                        "id index points to log record %llu, which is "
+                        "another event",
+                        (unsigned long long)pos);
+        rv = BUS_ECORRUPT;
+    } else {
+        h->found = true;
+        h->pos = pos;
+        h->ver = pk.sver;
+        h->same_stream =
+            pk.stream_len == slen && memcmp(pk.stream, stream, slen) == 0;
+    }
+    rocksdb_free(v);
+    return rv;
+}
+
 static int
 id_lookup(bus_store *s, const bus_uuid *id, uint32_t seq,
           const bus_uuid *run_max, const char *stream, size_t slen, id_hit *h)
 {
     store_writer *w = &s->w;
+    uint8_t k[STORE_IDK_LEN];
     store_pid *p;
+    uint64_t pos;
     char *v, *err = NULL;
     size_t vlen;
+    int rv;
 
     memset(h, 0, sizeof(*h));
     /* Nothing stored or pending is greater than run_max: a fresh UUIDv7
@@ -464,23 +602,34 @@ id_lookup(bus_store *s, const bus_uuid *id, uint32_t seq,
         h->ver = p->ver;
         return BUS_OK;
     }
-    v = rocksdb_get_cf(s->db, s->ro, s->cf[CF_IDS], (const char *)id->b, 16,
+    /* Committed: the tail (memory), an 'e' record, then a run. Above
+     * every id of the index's records (the usual stale id: a concurrent
+     * appender's, made a moment before ours) only the tail may hold it. */
+    if ((pos = tail_find(w, id)) != 0)
+        return id_confirm(s, pos, id, stream, slen, h);
+    if (memcmp(id->b, w->runs_max.b, 16) > 0)
+        return BUS_OK;
+    store_key_id(k, STORE_IDK_EXC, id);
+    v = rocksdb_get_cf(s->db, s->ro, s->cf[CF_IDS], (const char *)k, sizeof(k),
                        &vlen, &err);
     if (err != NULL)
         return bus__store_rdb_err(s, err, "read event id index");
-    if (v == NULL)
-        return BUS_OK;
-    if (vlen < 16) {
+    if (v != NULL) {
+        pos = vlen == 8 ? store_get_be64(v) : 0;
         rocksdb_free(v);
-        bus__store_logf(s, BUS_LOG_ERR, "corrupt id index record");
-        return BUS_ECORRUPT;
+        if (pos == 0) {
+            bus__store_logf(s, BUS_LOG_ERR, "corrupt id index record");
+            return BUS_ECORRUPT;
+        }
+        return id_confirm(s, pos, id, stream, slen, h);
     }
-    h->found = true;
-    h->pos = store_get_be64(v);
-    h->ver = store_get_be64(v + 8);
-    h->same_stream = vlen - 16 == slen && memcmp(v + 16, stream, slen) == 0;
-    rocksdb_free(v);
-    return BUS_OK;
+    if (w->n_recent > 0 && memcmp(id->b, w->recent[0].id.b, 16) >= 0)
+        pos = ids_find(w->recent, w->n_recent, id);
+    else if ((rv = run_lookup(s, id, &pos)) != BUS_OK)
+        return rv;
+    if (pos == 0)
+        return BUS_OK;
+    return id_confirm(s, pos, id, stream, slen, h);
 }
 
 /* ---- Processing a request ------------------------------------------------ */
@@ -535,6 +684,7 @@ typedef struct req_ctx {
     uint32_t seq;
     size_t nev;       /* events encoded so far in this request */
     size_t bytes;     /* encoded bytes of this request */
+    size_t pid0;      /* the request's first entry in w->pids */
     bus_uuid run_max; /* no id stored or pending is greater */
 } req_ctx;
 
@@ -577,13 +727,14 @@ do_part(bus_store *s, req_ctx *rc, store_part *pt)
     uint64_t last, first_pos = 0, ver0 = 0;
     const store_policy *pol;
     size_t j, nfound = 0;
-    bool dup_ok = true;
+    bool dup_ok = true, fresh;
     bus_uuid part_max;
     int rv;
 
     memset(res, 0, sizeof(*res));
     if ((rv = wc_get(s, pt->stream, pt->slen, &st)) != BUS_OK)
         return rv;
+    pt->shash = st->hash;
     last = st_last(w, st);
     pol = st_pol(w, st);
     res->current_version = last;
@@ -653,7 +804,10 @@ do_part(bus_store *s, req_ctx *rc, store_part *pt)
         if ((rv = enc_event(s, rc, e, pt->stream, pt->slen, ver, pos)) !=
             BUS_OK)
             return rv;
-        if ((rv = pid_add(w, &e->id, st, ver, pos, rc->seq)) != BUS_OK)
+        /* Above every id in the index's records: the tail takes it (the
+         * lookup above made sure it is not stored). */
+        fresh = memcmp(e->id.b, w->runs_max.b, 16) > 0;
+        if ((rv = pid_add(w, &e->id, st, ver, pos, rc->seq, fresh)) != BUS_OK)
             return rv;
         if (memcmp(e->id.b, rc->run_max.b, 16) > 0)
             rc->run_max = e->id;
@@ -670,36 +824,36 @@ do_part(bus_store *s, req_ctx *rc, store_part *pt)
 }
 
 /* Puts a checked part's records into the batch; *ev indexes w->enc_off,
- * which ends with a sentinel. */
+ * which ends with a sentinel, and (from rc->pid0) w->pids. A fresh id
+ * needs no record here: the tail takes it after the write. */
 static void
-emit_part(bus_store *s, const store_part *pt, size_t *ev)
+emit_part(bus_store *s, const req_ctx *rc, const store_part *pt, size_t *ev)
 {
     store_writer *w = &s->w;
-    uint8_t k[STORE_KEY_BUF], idv[STORE_KEY_BUF], pk[8], run[STORE_RUN_LEN];
+    uint8_t k[STORE_KEY_BUF], idk[STORE_IDK_LEN], pk[8], run[STORE_RUN_LEN];
     size_t j, klen;
 
     if (pt->res.duplicate || pt->n == 0)
         return;
-    memcpy(idv + 16, pt->stream, pt->slen);
     /* One index entry for the whole run. */
-    klen = store_key_stream(k, pt->stream, pt->slen, pt->res.first_version);
+    klen = store_key_stream_h(k, pt->shash, pt->stream, pt->slen,
+                              pt->res.first_version);
     store_run_encode(run, pt->res.first_position, (uint32_t)pt->n);
     rocksdb_writebatch_put_cf(w->wb, s->cf[CF_STREAMS], (const char *)k, klen,
                               (const char *)run, sizeof(run));
     for (j = 0; j < pt->n; j++, (*ev)++) {
         uint64_t pos = pt->res.first_position + j;
-        uint64_t ver = pt->res.first_version + j;
         size_t off = w->enc_off[*ev];
         size_t end = w->enc_off[*ev + 1];
 
         store_put_be64(pk, pos);
         rocksdb_writebatch_put_cf(w->wb, s->cf[CF_LOG], (const char *)pk, 8,
                                   (const char *)w->enc.p + off, end - off);
-        store_put_be64(idv, pos);
-        store_put_be64(idv + 8, ver);
-        rocksdb_writebatch_put_cf(w->wb, s->cf[CF_IDS],
-                                  (const char *)pt->events[j]->id.b, 16,
-                                  (const char *)idv, 16 + pt->slen);
+        if (!w->pids[rc->pid0 + *ev].fresh) {
+            store_key_id(idk, STORE_IDK_EXC, &pt->events[j]->id);
+            rocksdb_writebatch_put_cf(w->wb, s->cf[CF_IDS], (const char *)idk,
+                                      sizeof(idk), (const char *)pk, 8);
+        }
     }
 }
 
@@ -749,7 +903,7 @@ do_write(bus_store *s, store_req *r, req_ctx *rc)
     /* Everything checked and encoded: now the batch. */
     w->enc_off[rc->nev] = w->enc.len;
     for (i = 0; i < r->nparts; i++)
-        emit_part(s, &r->parts[i], &ev);
+        emit_part(s, rc, &r->parts[i], &ev);
     bus__store_emit_ops(s, w->wb, r->ops, r->nops, r->opbytes);
     return BUS_OK;
 }
@@ -810,6 +964,277 @@ undo_request(store_writer *w, size_t n_touched0, size_t n_pids0,
     w->next_pos = next_pos0;
 }
 
+/* ---- The id index's tail ------------------------------------------------ */
+
+/* Puts the tail into wb as runs (at most STORE_IDRUN_MAX entries each, and
+ * positions within a u32 offset of the run's lowest) and the watermark
+ * upto. Returns BUS_OK or BUS_ENOMEM (nothing put). */
+#define STORE_IDRUN_MAX 4096u
+static int
+tail_emit(bus_store *s, rocksdb_writebatch_t *wb, uint64_t upto)
+{
+    store_writer *w = &s->w;
+    uint8_t k[STORE_IDK_LEN], mark[8], *v;
+    uint64_t lo, hi;
+    size_t i = 0, n, j, size;
+
+    /* Room for the largest run first: nothing is put unless all is. */
+    n = w->n_tail < STORE_IDRUN_MAX ? w->n_tail : STORE_IDRUN_MAX;
+    w->runbuf.len = 0;
+    if (bus__store_buf_reserve(&w->runbuf,
+                               STORE_IDRUN_HDR + n * STORE_IDRUN_ENT) != BUS_OK)
+        return BUS_ENOMEM;
+    while (i < w->n_tail) {
+        n = w->n_tail - i;
+        if (n > STORE_IDRUN_MAX)
+            n = STORE_IDRUN_MAX;
+        lo = hi = w->tail[i].pos;
+        for (j = 1; j < n; j++) { /* offsets are u32 */
+            uint64_t p = w->tail[i + j].pos;
+            if ((p < lo ? hi - p : p > hi ? p - lo : 0) > UINT32_MAX) {
+                n = j;
+                break;
+            }
+            lo = p < lo ? p : lo;
+            hi = p > hi ? p : hi;
+        }
+        size = STORE_IDRUN_HDR + n * STORE_IDRUN_ENT;
+        v = w->runbuf.p;
+        store_put_be64(v, lo);
+        for (j = 0; j < n; j++) {
+            uint8_t *e = v + STORE_IDRUN_HDR + j * STORE_IDRUN_ENT;
+            store_put_be32(e, (uint32_t)(w->tail[i + j].pos - lo));
+            memcpy(e + 4, w->tail[i + j].id.b, 16);
+        }
+        store_key_id(k, STORE_IDK_RUN, &w->tail[i].id);
+        rocksdb_writebatch_put_cf(wb, s->cf[CF_IDS], (const char *)k, sizeof(k),
+                                  (const char *)v, size);
+        i += n;
+    }
+    store_put_be64(mark, upto);
+    rocksdb_writebatch_put_cf(wb, s->cf[CF_DEFAULT], STORE_IDX_KEY,
+                              strlen(STORE_IDX_KEY), (const char *)mark, 8);
+    return BUS_OK;
+}
+
+/* Puts an id into the tail, which is sorted by id (mostly in order
+ * already: from the end). @thread leader; room was made. */
+static void
+tail_insert(store_writer *w, const bus_uuid *id, uint64_t pos)
+{
+    size_t i = w->n_tail;
+
+    while (i > 0 && memcmp(w->tail[i - 1].id.b, id->b, 16) > 0) {
+        w->tail[i] = w->tail[i - 1];
+        i--;
+    }
+    w->tail[i].id = *id;
+    w->tail[i].pos = pos;
+    w->n_tail++;
+}
+
+/* The tail was written up to upto. */
+static void
+tail_flushed(bus_store *s, uint64_t upto)
+{
+    store_writer *w = &s->w;
+    size_t keep;
+
+    if (w->n_tail > 0)
+        w->runs_max = w->tail[w->n_tail - 1].id;
+    /* Keep the newest entries written (the tail's ids are above all of
+     * them): when full, drop the older half to make room (one move per
+     * few flushes); if memory is short, keep none, which only costs
+     * seeks. */
+    if (w->n_tail > STORE_RECENT_IDS / 2) {
+        w->n_recent = 0;
+    } else if (w->n_tail > 0) {
+        keep = w->n_recent + w->n_tail > STORE_RECENT_IDS
+                   ? STORE_RECENT_IDS / 2 - w->n_tail
+                   : w->n_recent;
+        if (keep < w->n_recent)
+            memmove(w->recent, w->recent + (w->n_recent - keep),
+                    keep * sizeof(*w->recent));
+        w->n_recent = keep;
+        if (grow((void **)&w->recent, &w->cap_recent, keep + w->n_tail,
+                 sizeof(*w->recent)) == BUS_OK) {
+            memcpy(w->recent + keep, w->tail, w->n_tail * sizeof(*w->tail));
+            w->n_recent += w->n_tail;
+        } else {
+            w->n_recent = 0;
+        }
+    }
+    w->n_tail = 0;
+    w->indexed = upto;
+    w->flush_ids = false;
+    /* release: the runs written above happen-before a scavenge that
+     * acquires the watermark and removes what it covers. */
+    atomic_store_explicit(&s->indexed, upto, memory_order_release);
+}
+
+void
+bus__store_flush_ids_final(bus_store *s)
+{
+    store_writer *w = &s->w;
+    uint64_t head = atomic_load_explicit(&s->head, memory_order_acquire);
+    rocksdb_writebatch_t *wb;
+    int rv;
+
+    if (s->db == NULL || w->wb == NULL || head <= w->indexed)
+        return;
+    wb = rocksdb_writebatch_create();
+    rv = tail_emit(s, wb, head);
+    if (rv == BUS_OK)
+        rv = bus__store_write_direct(s, wb,
+                                     s->cfg.durability != BUS_STORE_NONE);
+    rocksdb_writebatch_destroy(wb);
+    if (rv == BUS_OK)
+        tail_flushed(s, head);
+    else /* harmless: the next open rebuilds the tail from the log */
+        bus__store_logf(s, BUS_LOG_WARN, "id index tail not written: %s",
+                        bus_strerror(rv));
+}
+
+/* The greatest id of the last record of the id family at or below the
+ * key tag + ff..ff: an 'e' record's id, or a run's last entry. */
+static int
+ids_max(rocksdb_iterator_t *it, char tag, bus_uuid *max)
+{
+    uint8_t k[STORE_IDK_LEN];
+    const char *key, *val;
+    size_t kl, vl;
+
+    memset(k + 1, 0xff, 16);
+    k[0] = (uint8_t)tag;
+    rocksdb_iter_seek_for_prev(it, (const char *)k, sizeof(k));
+    if (!rocksdb_iter_valid(it))
+        return BUS_OK;
+    key = rocksdb_iter_key(it, &kl);
+    if (kl == 0 || key[0] != tag)
+        return BUS_OK;
+    if (kl != STORE_IDK_LEN)
+        return BUS_ECORRUPT;
+    if (tag == STORE_IDK_EXC) {
+        memcpy(max->b, key + 1, 16);
+        return BUS_OK;
+    }
+    val = rocksdb_iter_value(it, &vl);
+    if (!store_idrun_ok(vl))
+        return BUS_ECORRUPT;
+    memcpy(max->b, store_idrun_id(val, store_idrun_n(vl) - 1), 16);
+    return BUS_OK;
+}
+
+static int
+tail_cmp(const void *a, const void *b)
+{
+    return memcmp(((const store_tail_ent *)a)->id.b,
+                  ((const store_tail_ent *)b)->id.b, 16);
+}
+
+int
+bus__store_ids_recover(bus_store *s)
+{
+    store_writer *w = &s->w;
+    rocksdb_iterator_t *it;
+    bus_uuid run_max, exc_max;
+    uint8_t k[STORE_IDK_LEN];
+    char *v, *err = NULL;
+    size_t vlen;
+    int rv = BUS_OK;
+
+    memset(&run_max, 0, sizeof(run_max));
+    memset(&exc_max, 0, sizeof(exc_max));
+    v = rocksdb_get_cf(s->db, s->ro, s->cf[CF_DEFAULT], STORE_IDX_KEY,
+                       strlen(STORE_IDX_KEY), &vlen, &err);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read id index watermark");
+    if (v != NULL) {
+        if (vlen == 8)
+            w->indexed = store_get_be64(v);
+        else
+            rv = BUS_ECORRUPT;
+        rocksdb_free(v);
+    }
+    it = rocksdb_create_iterator_cf(s->db, s->ro, s->cf[CF_IDS]);
+    if (rv == BUS_OK)
+        rv = ids_max(it, STORE_IDK_RUN, &run_max);
+    if (rv == BUS_OK)
+        rv = ids_max(it, STORE_IDK_EXC, &exc_max);
+    rocksdb_iter_get_error(it, &err);
+    rocksdb_iter_destroy(it);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read event id index");
+    if (rv != BUS_OK) {
+        bus__store_logf(s, BUS_LOG_ERR, "corrupt id index");
+        return rv;
+    }
+    /* Every id of the index's records is at most runs_max. */
+    w->runs_max = memcmp(run_max.b, exc_max.b, 16) > 0 ? run_max : exc_max;
+
+    /* The tail: the records above the watermark without an 'e' record,
+     * each above every id of the index's records. */
+    it = rocksdb_create_iterator_cf(s->db, s->ro, s->cf[CF_LOG]);
+    store_put_be64(k, w->indexed + 1);
+    for (rocksdb_iter_seek(it, (const char *)k, 8);
+         rocksdb_iter_valid(it) && rv == BUS_OK; rocksdb_iter_next(it)) {
+        size_t kl, vl;
+        const char *key = rocksdb_iter_key(it, &kl);
+        const char *val = rocksdb_iter_value(it, &vl);
+        store_peek pk;
+        char *x;
+
+        if (kl != 8 || bus__store_peek(val, vl, &pk) != BUS_OK ||
+            pk.id == NULL) {
+            rv = BUS_ECORRUPT;
+            break;
+        }
+        k[0] = STORE_IDK_EXC;
+        memcpy(k + 1, pk.id, 16);
+        x = rocksdb_get_cf(s->db, s->ro, s->cf[CF_IDS], (const char *)k,
+                           STORE_IDK_LEN, &vlen, &err);
+        if (err != NULL)
+            break;
+        if (x != NULL) {
+            if (vlen != 8 || memcmp(x, key, 8) != 0)
+                rv = BUS_ECORRUPT;
+            rocksdb_free(x);
+            continue;
+        }
+        if (memcmp(pk.id, w->runs_max.b, 16) <= 0) {
+            rv = BUS_ECORRUPT;
+            break;
+        }
+        if ((rv = grow((void **)&w->tail, &w->cap_tail, w->n_tail + 1,
+                       sizeof(*w->tail))) != BUS_OK)
+            break;
+        memcpy(w->tail[w->n_tail].id.b, pk.id, 16);
+        w->tail[w->n_tail].pos = store_get_be64(key);
+        w->n_tail++;
+    }
+    if (err == NULL)
+        rocksdb_iter_get_error(it, &err);
+    rocksdb_iter_destroy(it);
+    if (err != NULL)
+        return bus__store_rdb_err(s, err, "read log");
+    if (rv == BUS_ECORRUPT)
+        bus__store_logf(s, BUS_LOG_ERR,
+                        "log records above position %llu disagree with the "
+                        "id index",
+                        (unsigned long long)w->indexed);
+    if (rv != BUS_OK)
+        return rv;
+    w->max_id = w->runs_max;
+    if (w->n_tail > 0) {
+        qsort(w->tail, w->n_tail, sizeof(*w->tail), tail_cmp);
+        w->max_id = w->tail[w->n_tail - 1].id; /* above runs_max */
+    }
+    atomic_store_explicit(&s->indexed, w->indexed, memory_order_relaxed);
+    return BUS_OK;
+}
+
+/* ---- A group ------------------------------------------------------------- */
+
 /* Processes and writes one group. @thread leader, no lock held. */
 static void
 write_group(bus_store *s, store_req *g)
@@ -818,8 +1243,9 @@ write_group(bus_store *s, store_req *g)
     store_req *r;
     req_ctx rc;
     uint32_t seq = 0;
-    size_t i, n_ok = 0;
+    size_t i, n_ok = 0, n_fresh = 0;
     bool sync = s->cfg.durability != BUS_STORE_NONE, pol_changed = false;
+    bool flush = false, written;
     uint64_t head0 = atomic_load_explicit(&s->head, memory_order_relaxed);
     char *err = NULL;
     int rv;
@@ -840,11 +1266,16 @@ write_group(bus_store *s, store_req *g)
         rc.seq = ++seq;
         rc.nev = 0;
         rc.bytes = 0;
+        rc.pid0 = np0;
         w->n_undo = 0;
-        if (r->kind == REQ_WRITE)
+        if (r->kind == REQ_WRITE) {
             rv = do_write(s, r, &rc);
-        else
+        } else if (r->kind == REQ_FLUSH_IDS) {
+            w->flush_ids = true;
+            rv = BUS_OK;
+        } else {
             rv = do_meta(s, r);
+        }
         if (rv != BUS_OK) {
             undo_request(w, nt0, np0, pos0);
             rc.run_max = max0;
@@ -853,8 +1284,21 @@ write_group(bus_store *s, store_req *g)
         }
         r->rv = rv;
     }
+    if (w->run_it != NULL) {
+        rocksdb_iter_destroy(w->run_it);
+        w->run_it = NULL;
+    }
     if (n_ok == 0)
         return;
+
+    /* The id index's tail: every STORE_TAIL_FLUSH positions, or when asked,
+     * the fresh events up to the previous group become runs. Out of memory
+     * it simply waits for a later group. */
+    if (head0 > w->indexed &&
+        (w->flush_ids || head0 - w->indexed >= STORE_TAIL_FLUSH))
+        flush = tail_emit(s, w->wb, head0) == BUS_OK;
+    else if (head0 == w->indexed)
+        w->flush_ids = false;
 
     /* Policy records, once per touched stream whose policy changed. */
     for (i = 0; i < w->n_touched; i++) {
@@ -876,8 +1320,16 @@ write_group(bus_store *s, store_req *g)
         }
     }
 
-    rv = BUS_FAILPOINT("store.write");
-    if (rv == 0) {
+    /* Room in the tail for this group's fresh ids, before writing: once
+     * written they must go there. */
+    for (i = 0; i < w->n_pids; i++)
+        n_fresh += w->pids[i].fresh;
+    rv = grow((void **)&w->tail, &w->cap_tail,
+              (flush ? 0 : w->n_tail) + n_fresh, sizeof(*w->tail));
+    if (rv == 0)
+        rv = BUS_FAILPOINT("store.write");
+    written = rocksdb_writebatch_count(w->wb) > 0;
+    if (rv == 0 && written) {
         rocksdb_write(s->db, sync ? s->wo_sync : s->wo, w->wb, &err);
         if (err != NULL)
             rv = bus__store_rdb_err(s, err, "group write");
@@ -897,6 +1349,11 @@ write_group(bus_store *s, store_req *g)
     }
 
     /* Written: pending becomes committed. */
+    if (flush)
+        tail_flushed(s, head0);
+    for (i = 0; i < w->n_pids; i++)
+        if (w->pids[i].fresh)
+            tail_insert(w, &w->pids[i].id, w->pids[i].pos);
     for (i = 0; i < w->n_touched; i++) {
         store_stream *st = w->touched[i];
         st->last = st->p_last;
@@ -907,8 +1364,9 @@ write_group(bus_store *s, store_req *g)
         }
     }
     w->max_id = rc.run_max;
-    atomic_fetch_add_explicit(&s->st_groups, 1, memory_order_relaxed);
-    if (sync)
+    if (written)
+        atomic_fetch_add_explicit(&s->st_groups, 1, memory_order_relaxed);
+    if (written && sync)
         atomic_fetch_add_explicit(&s->st_syncs, 1, memory_order_relaxed);
     if (w->next_pos - 1 != head0) {
         atomic_fetch_add_explicit(&s->st_events, w->next_pos - 1 - head0,
@@ -965,7 +1423,12 @@ bus__store_submit(bus_store *s, store_req *r)
             bus__cond_wait(&r->cond, &s->wq_mtx);
     }
     if (!r->done) {
-        /* Leader: r is the queue head. Detach a group. */
+        /* Leader: r is the queue head. Detach a group. (Writing the next
+         * group too, instead of handing the role over, saves a wake-up
+         * but makes groups smaller: the threads of the group just
+         * answered have not queued again yet. Measured, handing over
+         * gave more appends per fsync, which is what counts where fsync
+         * is slow.) */
         g = s->wq_head;
         last = g;
         cost = g->cost;
@@ -1153,6 +1616,17 @@ submit_meta(bus_store *s, store_req_kind kind, const char *stream,
     rv = bus__store_submit(s, &r);
     bus__mutex_unlock(&s->meta_mtx);
     return rv;
+}
+
+int
+bus__store_flush_ids(bus_store *s)
+{
+    store_req r;
+
+    memset(&r, 0, sizeof(r));
+    r.kind = REQ_FLUSH_IDS;
+    r.cost = 64;
+    return bus__store_submit(s, &r);
 }
 
 int

@@ -131,6 +131,108 @@ test_idempotent_retry_returns_original(void **state)
     st_verify_ok(f->s);
 }
 
+/* Appends one event to stream; returns it (the caller unrefs). */
+static bus_event *
+append_one(bus_store *s, const char *stream, bus_store_append_result *r)
+{
+    bus_event *e = st_ev("t", stream);
+
+    assert_int_equal(bus_store_append(s, stream, BUS_STORE_ANY, &e, 1, r),
+                     BUS_OK);
+    return e;
+}
+
+static void
+assert_retry_is_duplicate(bus_store *s, const char *stream, bus_event *e,
+                          const bus_store_append_result *orig)
+{
+    bus_store_append_result r;
+
+    assert_int_equal(bus_store_append(s, stream, BUS_STORE_ANY, &e, 1, &r),
+                     BUS_OK);
+    assert_true(r.duplicate);
+    assert_int_equal(r.first_position, orig->first_position);
+    assert_int_equal(r.first_version, orig->first_version);
+}
+
+/* Fresh ids are indexed in runs written every few hundred positions (the
+ * writer's tail before that), other ids one by one: a retry finds its
+ * original wherever it is, before and after a reopen, and after a reopen
+ * that had to rebuild the tail from the log. */
+static void
+test_idempotence_across_id_runs_tail_and_stale_ids(void **state)
+{
+    st_fix *f = *state;
+    bus_store_append_result r_kept[4], r_stale, r;
+    bus_event *stale[2], *kept[4], *e, *mix[2];
+    static const char *const kept_stream[4] = {"s-early", "s-late",
+                                               "s-crash"};
+    uint64_t head;
+    char stream[32];
+    int i, round, n_kept = 0;
+
+    /* Created first, appended last: their ids are below the store's. */
+    stale[0] = st_ev("t", "stale-0");
+    stale[1] = st_ev("t", "stale-1");
+    kept[n_kept] = append_one(f->s, "s-early", &r_kept[n_kept]);
+    n_kept++;
+    for (i = 0; i < 700; i++) {
+        snprintf(stream, sizeof(stream), "s-%d", i % 7);
+        bus_event_unref(append_one(f->s, stream, NULL));
+    }
+    kept[n_kept] = append_one(f->s, "s-late", &r_kept[n_kept]);
+    n_kept++;
+    assert_int_equal(
+        bus_store_append(f->s, "s-stale", BUS_STORE_NO_STREAM, stale, 2,
+                         &r_stale),
+        BUS_OK);
+    for (round = 0; round < 3; round++) {
+        head = bus_store_head(f->s);
+        /* In a run, in the tail, and stale ('e' records). */
+        for (i = 0; i < n_kept; i++)
+            assert_retry_is_duplicate(f->s, kept_stream[i], kept[i],
+                                      &r_kept[i]);
+        assert_int_equal(bus_store_append(f->s, "s-stale", 0, stale, 2, &r),
+                         BUS_OK);
+        assert_true(r.duplicate);
+        assert_int_equal(r.first_position, r_stale.first_position);
+        /* Elsewhere, or mixed with a new id: refused. */
+        assert_int_equal(bus_store_append(f->s, "other", BUS_STORE_ANY,
+                                          &kept[0], 1, &r),
+                         BUS_EEXIST);
+        assert_int_equal(bus_store_append(f->s, "other", BUS_STORE_ANY,
+                                          &stale[1], 1, &r),
+                         BUS_EEXIST);
+        e = st_ev("t", "new");
+        mix[0] = kept[1];
+        mix[1] = e;
+        assert_int_equal(
+            bus_store_append(f->s, "s-late", BUS_STORE_ANY, mix, 2, &r),
+            BUS_EEXIST);
+        bus_event_unref(e);
+        assert_int_equal(bus_store_head(f->s), head);
+        st_verify_ok(f->s);
+        if (round == 0) {
+            st_reopen(f); /* close writes the tail */
+        } else if (round == 1) {
+            /* New events in the tail, and a close that cannot write it:
+             * the next open rebuilds the tail from the log. */
+            for (i = 0; i < 5; i++)
+                bus_event_unref(append_one(f->s, "s-crash", NULL));
+            kept[n_kept] = append_one(f->s, "s-crash", &r_kept[n_kept]);
+            n_kept++;
+            bus_failpoint_set("store.write_direct", BUS_EIO, 1, true);
+            bus_store_close(f->s);
+            bus_failpoint_clear_all();
+            f->s = st_open_dir(f->dir, f->dur);
+        }
+    }
+    for (i = 0; i < n_kept; i++)
+        bus_event_unref(kept[i]);
+    bus_event_unref(stale[0]);
+    bus_event_unref(stale[1]);
+}
+
 static void
 test_multi_stream_append_is_all_or_nothing(void **state)
 {
@@ -564,6 +666,7 @@ main(void)
         T(test_expected_version_rules),
         T(test_empty_append_checks_expected_only),
         T(test_idempotent_retry_returns_original),
+        T(test_idempotence_across_id_runs_tail_and_stale_ids),
         T(test_multi_stream_append_is_all_or_nothing),
         T(test_transaction_commits_state_and_appends_together),
         T(test_scan_walks_a_prefix),

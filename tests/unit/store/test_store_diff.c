@@ -4,6 +4,9 @@
  * of $all with filters both ways, soft and hard deletes, retention rules,
  * scavenge, reopen) run against the store and against a plain in-memory
  * model; any divergence fails with the seed (BUS_TEST_SEED replays it).
+ * Some events are made long before they are appended (their ids are below
+ * the store's: the id index's 'e' records), and retries reach back to
+ * older appends (ids in runs, in the writer's tail, across reopens).
  */
 #include "store_test.h"
 
@@ -99,6 +102,111 @@ typedef struct last_append {
     bus_store_append_result res;
 } last_append;
 
+/* Events made ahead of time: appended later, their ids are stale. */
+#define POOL 16
+static bus_event *pool[POOL];
+static size_t n_pool;
+
+static bus_event *
+pool_or_new(uint64_t *rng, const char *type)
+{
+    bus_event *e;
+    size_t i;
+
+    if (n_pool == 0) {
+        for (i = 0; i < POOL; i++)
+            pool[i] = st_ev("t0", "p");
+        n_pool = POOL;
+    }
+    if (bt_rand(rng) % 4 != 0)
+        return st_ev(type, "p");
+    /* The pool's events all have type t0: keep the model's type right by
+     * making a stale-id copy of the requested type. */
+    e = pool[--n_pool];
+    {
+        bus_event_init init;
+        bus_event *c;
+        memset(&init, 0, sizeof(init));
+        init.type = type;
+        init.id = bus_event_id(e);
+        init.payload = "p";
+        init.payload_len = 1;
+        assert_int_equal(bus_event_create(&c, &init), BUS_OK);
+        bus_event_unref(e);
+        return c;
+    }
+}
+
+static void
+pool_clear(void)
+{
+    while (n_pool > 0)
+        bus_event_unref(pool[--n_pool]);
+}
+
+/* Past appends, for retries long after. */
+#define HIST 32
+typedef struct hist_ent {
+    int stream;
+    bus_event *ev[4];
+    size_t n;
+    uint64_t first_position, first_version;
+} hist_ent;
+static hist_ent hist[HIST];
+static size_t hist_next;
+
+static void
+hist_add(int k, bus_event *const *ev, size_t n,
+         const bus_store_append_result *r)
+{
+    hist_ent *h = &hist[hist_next++ % HIST];
+    size_t i;
+
+    for (i = 0; i < h->n; i++)
+        bus_event_unref(h->ev[i]);
+    h->stream = k;
+    h->n = n;
+    h->first_position = r->first_position;
+    h->first_version = r->first_version;
+    for (i = 0; i < n; i++)
+        h->ev[i] = bus_event_ref(ev[i]);
+}
+
+static void
+hist_clear(void)
+{
+    size_t i, j;
+
+    for (i = 0; i < HIST; i++) {
+        for (j = 0; j < hist[i].n; j++)
+            bus_event_unref(hist[i].ev[j]);
+        hist[i].n = 0;
+    }
+    hist_next = 0;
+}
+
+/* Retries an older append whose events are all still stored: a
+ * duplicate with the original figures. */
+static void
+op_retry_old(bus_store *s, model *m, uint64_t *rng)
+{
+    hist_ent *h = &hist[bt_rand(rng) % HIST];
+    bus_store_append_result r;
+    size_t i;
+
+    if (h->n == 0)
+        return;
+    for (i = 0; i < h->n; i++)
+        if (!m->log[h->first_position + i - 1].present)
+            return;
+    assert_int_equal(bus_store_append(s, names[h->stream], BUS_STORE_ANY,
+                                      h->ev, h->n, &r),
+                     BUS_OK);
+    assert_true(r.duplicate);
+    assert_int_equal(r.first_position, h->first_position);
+    assert_int_equal(r.first_version, h->first_version);
+}
+
 static void
 last_clear(last_append *la)
 {
@@ -125,7 +233,7 @@ op_append(bus_store *s, model *m, uint64_t *rng, last_append *la)
         n = 4;
     for (i = 0; i < n; i++) {
         ty[i] = (int)(bt_rand(rng) % NTYPES);
-        ev[i] = st_ev(types[ty[i]], "p");
+        ev[i] = pool_or_new(rng, types[ty[i]]);
     }
     want = m_check_expected(ms, exp);
     rv = bus_store_append(s, names[k], exp, ev, n, &r);
@@ -149,6 +257,7 @@ op_append(bus_store *s, model *m, uint64_t *rng, last_append *la)
             ms->pos[ms->last] = ++m->head;
         }
         ms->state = M_LIVE;
+        hist_add(k, ev, n, &r);
         last_clear(la);
         la->valid = true;
         la->stream = k;
@@ -489,6 +598,7 @@ op_scavenge(bus_store *s, model *m)
         }
     }
     assert_int_equal(st.events_removed, removed);
+    st_verify_ok(s); /* index runs and records still agree */
 }
 
 static void
@@ -523,8 +633,10 @@ test_store_matches_model(void **state)
         uint64_t r = bt_rand(&rng) % 100;
         if (r < 30)
             op_append(f->s, m, &rng, &la);
-        else if (r < 34)
+        else if (r < 34) {
             op_retry(f->s, m, &la);
+            op_retry_old(f->s, m, &rng);
+        }
         else if (r < 40)
             op_multi(f->s, m, &rng);
         else if (r < 58)
@@ -553,6 +665,8 @@ test_store_matches_model(void **state)
     fprintf(stderr, "# %d operations, %llu events\n", i,
             (unsigned long long)m->head);
     last_clear(&la);
+    pool_clear();
+    hist_clear();
     free(m);
 }
 

@@ -178,7 +178,7 @@ static void
 test_newer_format_is_eversion(void **state)
 {
     char *dir = bt_mkdtemp("bus-store-open"), err[256];
-    uint8_t v[4] = {0, 0, 0, BUS_STORE_FORMAT_VERSION + 1};
+    uint8_t v[4] = {0, 0, 0, BUS_STORE_FORMAT_VERSION + 100};
     bus_store *s = st_open_dir(dir, BUS_STORE_NONE);
 
     (void)state;
@@ -186,6 +186,24 @@ test_newer_format_is_eversion(void **state)
     raw_put_default(dir, "format", v, 4, false);
     assert_int_equal(open_at(dir, false, &s, err, sizeof(err)), BUS_EVERSION);
     assert_non_null(strstr(err, "newer"));
+    bt_rmtree(dir);
+    free(dir);
+}
+
+/* Format 1 (one id-index record per event) predates any release: it is
+ * refused rather than misread. */
+static void
+test_older_format_is_eversion(void **state)
+{
+    char *dir = bt_mkdtemp("bus-store-open"), err[256];
+    uint8_t v[4] = {0, 0, 0, 1};
+    bus_store *s = st_open_dir(dir, BUS_STORE_NONE);
+
+    (void)state;
+    bus_store_close(s);
+    raw_put_default(dir, "format", v, 4, false);
+    assert_int_equal(open_at(dir, false, &s, err, sizeof(err)), BUS_EVERSION);
+    assert_non_null(strstr(err, "cannot read"));
     bt_rmtree(dir);
     free(dir);
 }
@@ -350,6 +368,7 @@ main(void)
         cmocka_unit_test(test_file_or_foreign_dir_is_not_a_store),
         cmocka_unit_test(test_foreign_rocksdb_is_not_a_store),
         cmocka_unit_test(test_newer_format_is_eversion),
+        cmocka_unit_test(test_older_format_is_eversion),
         cmocka_unit_test(test_bad_format_record_is_corrupt),
         cmocka_unit_test(test_damaged_manifest_is_corrupt),
         cmocka_unit_test(test_second_open_is_busy),

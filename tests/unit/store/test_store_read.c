@@ -513,6 +513,63 @@ test_scavenge_removes_prefixes_only(void **state)
     bus_store_slice_free(&after);
 }
 
+/* Scavenge removes entries from the id index's runs (which mix streams)
+ * and 'e' records: kept events stay idempotent, removed ones are gone. */
+static void
+test_scavenge_trims_the_id_index(void **state)
+{
+    st_fix *f = *state;
+    bus_store_stream_meta m = {10, 0, 0};
+    bus_store_scavenge_stats sc;
+    bus_store_append_result r, first_keep;
+    bus_event *gone, *keep, *stale, *e;
+    int i;
+
+    stale = st_ev("t", "stale"); /* appended last: below the others */
+    for (i = 0; i < 600; i++) {
+        e = st_ev("t", "x");
+        assert_int_equal(bus_store_append(f->s, i % 2 ? "keep" : "mc",
+                                          BUS_STORE_ANY, &e, 1, &r),
+                         BUS_OK);
+        if (i == 0)
+            gone = e;
+        else if (i == 1) {
+            keep = e;
+            first_keep = r;
+        } else
+            bus_event_unref(e);
+    }
+    assert_int_equal(
+        bus_store_append(f->s, "mc", BUS_STORE_ANY, &stale, 1, NULL), BUS_OK);
+    for (i = 0; i < 12; i++) /* pushes the stale one out of the last 10 */
+        assert_int_equal(st_append_n(f->s, "mc", BUS_STORE_ANY, "t", 1, NULL),
+                         BUS_OK);
+    assert_int_equal(bus_store_stream_set_meta(f->s, "mc", &m), BUS_OK);
+    assert_int_equal(bus_store_scavenge(f->s, false, &sc), BUS_OK);
+    assert_int_equal(sc.events_removed, 300 + 1 + 12 - 10);
+    st_verify_ok(f->s);
+    /* Kept: still a retry. Removed: its id is free again. */
+    assert_int_equal(
+        bus_store_append(f->s, "keep", BUS_STORE_ANY, &keep, 1, &r), BUS_OK);
+    assert_true(r.duplicate);
+    assert_int_equal(r.first_position, first_keep.first_position);
+    assert_int_equal(
+        bus_store_append(f->s, "again", BUS_STORE_ANY, &gone, 1, &r), BUS_OK);
+    assert_false(r.duplicate);
+    assert_int_equal(
+        bus_store_append(f->s, "again", BUS_STORE_ANY, &stale, 1, &r), BUS_OK);
+    assert_false(r.duplicate);
+    st_verify_ok(f->s);
+    st_reopen(f);
+    st_verify_ok(f->s);
+    assert_int_equal(
+        bus_store_append(f->s, "again", BUS_STORE_ANY, &gone, 1, &r), BUS_OK);
+    assert_true(r.duplicate);
+    bus_event_unref(gone);
+    bus_event_unref(keep);
+    bus_event_unref(stale);
+}
+
 static void
 test_positions_are_never_reused_after_scavenge(void **state)
 {
@@ -548,6 +605,7 @@ main(void)
         T(test_read_failure_leaves_slice_empty),
         T(test_scavenge_frees_disk),
         T(test_scavenge_removes_prefixes_only),
+        T(test_scavenge_trims_the_id_index),
         T(test_positions_are_never_reused_after_scavenge),
 #undef T
     };
