@@ -631,7 +631,7 @@ run_next(run_cur *c, uint64_t *ver, uint64_t *pos)
 typedef struct log_cur {
     rocksdb_iterator_t *it;
     bool fwd;
-    bool have;    /* the iterator is on a record and at is its position */
+    bool have; /* the iterator is on a record and at is its position */
     uint64_t at;
 } log_cur;
 
@@ -802,8 +802,8 @@ bus__store_read_stream(bus_store *s, const char *stream, size_t slen,
     }
     /* Stopped by a limit: the end only if no version follows. */
     if (rv == BUS_OK && !out->end)
-        out->end = rc.err == BUS_OK &&
-                   (!rc.have || (fwd ? rc.v > last : rc.v < lo));
+        out->end =
+            rc.err == BUS_OK && (!rc.have || (fwd ? rc.v > last : rc.v < lo));
     if (rv == BUS_OK && rc.err != BUS_OK)
         rv = rc.err;
     if (out->end && !fwd)

@@ -185,9 +185,9 @@ scv_unindex(scv_ctx *c, const uint8_t *id, uint64_t pos)
         if (i == c->n_runs) {
             if (c->n_runs == c->cap_runs) {
                 size_t ncap = c->cap_runs ? c->cap_runs * 2 : 8;
-                scv_run *nr = bus__realloc(c->runs,
-                                           c->cap_runs * sizeof(*c->runs),
-                                           ncap * sizeof(*c->runs));
+                scv_run *nr =
+                    bus__realloc(c->runs, c->cap_runs * sizeof(*c->runs),
+                                 ncap * sizeof(*c->runs));
                 if (nr == NULL)
                     return BUS_ENOMEM;
                 c->runs = nr;

@@ -9,7 +9,7 @@
  *   produces are in one WriteBatch, so after a crash RocksDB's WAL replay
  *   (point-in-time recovery) gives either all of them or none: the store
  *   needs no repair step of its own. Opening recovers only in-memory
- *   state: the head (last key of the log), the id index's tail (the fresh
+ *   state: the head (last key of the log), the id index's tail (the
  *   events above its watermark, from the log) and greatest id, and the
  *   retention policies.
  * - A path is a store when it holds a RocksDB database whose default

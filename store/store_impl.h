@@ -57,8 +57,9 @@ extern const char *const bus__store_cf_names[CF_COUNT];
 
 /* The on-disk layout this code reads and writes (the "format" record).
  * 2: the id index holds runs and exceptions ('r', 'e' keys) and the
- * "idx" watermark. 1 (per-event 16-byte id keys) is refused. */
-#define STORE_FORMAT_VERSION 2u
+ * "idx" watermark. 1 (per-event 16-byte id keys) is refused. The public
+ * BUS_STORE_FORMAT_VERSION (store.h) is this number. */
+#define STORE_FORMAT_VERSION ((unsigned)BUS_STORE_FORMAT_VERSION)
 
 #define STORE_FLOOR_KEY "floor"
 #define STORE_IDX_KEY "idx"
@@ -98,7 +99,7 @@ store_policy_eq(const store_policy *a, const store_policy *b)
 static inline void
 store_put_be64(uint8_t *p, uint64_t v)
 {
-#if defined(__GNUC__) && defined(__BYTE_ORDER__) &&                           \
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) &&                            \
     __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     v = __builtin_bswap64(v);
     memcpy(p, &v, 8);
@@ -115,7 +116,7 @@ store_put_be64(uint8_t *p, uint64_t v)
 static inline uint64_t
 store_get_be64(const void *q)
 {
-#if defined(__GNUC__) && defined(__BYTE_ORDER__) &&                           \
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) &&                            \
     __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     uint64_t v;
 
@@ -288,7 +289,8 @@ store_key_id(uint8_t *k, char tag, const bus_uuid *id)
 static inline bool
 store_idrun_ok(size_t vl)
 {
-    return vl > STORE_IDRUN_HDR && (vl - STORE_IDRUN_HDR) % STORE_IDRUN_ENT == 0;
+    return vl > STORE_IDRUN_HDR &&
+           (vl - STORE_IDRUN_HDR) % STORE_IDRUN_ENT == 0;
 }
 
 static inline size_t

@@ -447,8 +447,7 @@ bus_store_verify(bus_store *s, bus_store_verify_report *r, char *errbuf,
     if (rv == BUS_OK && v.n_index != r->events)
         vproblem(&v, "%llu log records, %llu indexed versions",
                  (unsigned long long)r->events, (unsigned long long)v.n_index);
-    if (rv == BUS_OK &&
-        (v.n_exc != v.n_exc_used || v.n_run != v.n_run_used)) {
+    if (rv == BUS_OK && (v.n_exc != v.n_exc_used || v.n_run != v.n_run_used)) {
         vproblem(&v,
                  "%llu 'e' records and %llu run entries, of which the log "
                  "uses %llu and %llu",

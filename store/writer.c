@@ -1085,8 +1085,8 @@ bus__store_flush_ids_final(bus_store *s)
     wb = rocksdb_writebatch_create();
     rv = tail_emit(s, wb, head);
     if (rv == BUS_OK)
-        rv = bus__store_write_direct(s, wb,
-                                     s->cfg.durability != BUS_STORE_NONE);
+        rv =
+            bus__store_write_direct(s, wb, s->cfg.durability != BUS_STORE_NONE);
     rocksdb_writebatch_destroy(wb);
     if (rv == BUS_OK)
         tail_flushed(s, head);

@@ -3,14 +3,18 @@
  *
  *   append, 1 event per append, durability none  vs raw single puts
  *   append, 100 events per append                vs raw WriteBatch of 100
- *   durable appends (group), 16 threads, 1 each  vs raw sync puts
+ *   durable appends (group), 16 threads, 1 each  vs raw sync puts (one
+ *     thread); also ours from 64 threads, raw sync puts from 16 threads
  *   read $all with decode                        vs raw iterator scan
  *   read one stream of 1,000 events              vs raw scan of 1,000
  *   subscription live latency append -> handler  (p50, p99)
  *
  * The raw side writes values of exactly the size of our stored envelope
  * under 8-byte big-endian keys (what our log family holds), into its own
- * database with the same write buffer and block cache.
+ * database with the same write buffer and block cache. Before the $all
+ * reads both stores compact what was written (one sorted run each); the
+ * durable rows take medians of seven alternating rounds (docs/store.md,
+ * Performance, says why).
  *
  * Size: by default the stores hold a few hundred thousand events; with
  * --large (or BUS_BENCH_LARGE=1) both are first filled to 10 M events and

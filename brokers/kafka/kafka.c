@@ -3,20 +3,16 @@
  * record format and operations: docs/brokers/kafka.md).
  *
  * Design:
- * - One idempotent producer (rd_kafka_t) per broker object and a poll
- *   thread that serves its delivery reports: a publish is acked only from
- *   the report, i.e. once Kafka has the record with acks=all
- *   (kafka_produce.c).
- * - One consumer (rd_kafka_t) and one thread per subscription
- *   (kafka_consume.c). One consumer per group per broker would share a
- *   client, but every subscribe or unsubscribe would then change the
- *   client's subscription and rebalance the group's other members, and
- *   the records of the leaving subscription that were in flight would have
- *   to be handed back. Per subscription, unsubscribe is a plain "commit
- *   what finished, leave the group", pause and commit positions are that
- *   subscription's own, and two subscriptions of one group in one process
- *   are simply two members of the group (as mem:// shares a group among
- *   its members).
+ * - One idempotent producer (rd_kafka_t) per broker object: a publish is
+ *   acked only from its delivery report, i.e. once Kafka has the record
+ *   with acks=all; reports are served by the publishing threads and a poll
+ *   thread, acks run on the poll thread (kafka_produce.c).
+ * - One consumer (rd_kafka_t) and one thread for the broker's group-less
+ *   subscriptions and one per consumer group (kafka_consume.c): a bus
+ *   context may make thousands of subscriptions through one broker (one
+ *   per matching bus subscription), so they share consumers and a record
+ *   is fanned out to the matching ones. Commit positions are tracked per
+ *   (subscription, partition) and combined per partition.
  * - The options are parsed once (bus_uri_get*) and the librdkafka
  *   properties validated at init against both a producer and a consumer
  *   configuration, so an invalid property fails the open naming it; the

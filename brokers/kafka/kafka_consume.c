@@ -1451,16 +1451,19 @@ kafka_cons_thread(void *arg)
             if (ms < timeout)
                 timeout = (int)ms;
         }
-        /* A batch at a time (one queue lock per batch); callbacks such as
-         * rebalances are served inside. Then drain what is fetched already
-         * without sleeping, bounded so that stores, retries and held
-         * records get their turn. */
-        for (n = 0, got = 0;
-             n < KAFKA_DRAIN_MAX &&
-             !atomic_load_explicit(&c->stop, memory_order_acquire);
+        /* Wait for the first record (rd_kafka_consume_batch_queue would
+         * wait to fill a whole batch), then drain what is fetched already
+         * a batch at a time (one queue lock per batch) without sleeping,
+         * bounded so that stores, retries and held records get their
+         * turn. Callbacks such as rebalances are served inside both. */
+        if ((batch[0] = rd_kafka_consumer_poll(c->rk, timeout)) == NULL)
+            continue;
+        kafka_on_message(c, batch[0]);
+        for (n = 0; n < KAFKA_DRAIN_MAX &&
+                    !atomic_load_explicit(&c->stop, memory_order_acquire);
              n += got) {
-            ssize_t k = rd_kafka_consume_batch_queue(c->q, n == 0 ? timeout : 0,
-                                                     batch, KAFKA_BATCH);
+            ssize_t k =
+                rd_kafka_consume_batch_queue(c->q, 0, batch, KAFKA_BATCH);
             got = k > 0 ? (int)k : 0;
             for (k = 0; k < got; k++)
                 kafka_on_message(c, batch[k]);
@@ -1899,6 +1902,14 @@ kafka_unsubscribe(void *priv, void *handle)
                 *pp = c->next;
                 break;
             }
+        /* Maybe its own thread: it closes on its own (signalled below)
+         * and is joined by the next subscribe/unsubscribe from outside,
+         * or by stop. Listed in the same section that unlinks it, so a
+         * close that runs meanwhile always finds it to join. */
+        if (on_thread) {
+            c->next = kb->reap;
+            kb->reap = c;
+        }
     }
     kafka_cons_wake(c);
     bus__mutex_unlock(&c->mtx);
@@ -1923,16 +1934,8 @@ kafka_unsubscribe(void *priv, void *handle)
 
     if (empty) {
         kafka_cons_signal_stop(c);
-        if (on_thread) {
-            /* Maybe its own thread: it closes on its own; joined by the
-             * next subscribe/unsubscribe from outside, or by stop. */
-            bus__mutex_lock(&kb->smtx);
-            c->next = kb->reap;
-            kb->reap = c;
-            bus__mutex_unlock(&kb->smtx);
-        } else {
+        if (!on_thread)
             kafka_cons_join_free(c);
-        }
     }
     if (!on_thread)
         kafka_reap(kb, false);

@@ -25,6 +25,7 @@
 #include <bus/err.h>
 
 #include "alloc.h"
+#include "pipeline.h"
 #include "platform.h"
 
 #define BREAKER_BUCKETS 10
@@ -272,17 +273,27 @@ breaker_window_add(bus_breaker *b, bool success, uint64_t now)
 void
 bus_breaker_record(bus_breaker *b, bool success)
 {
+    bus__breaker_record_at(b, success, 0);
+}
+
+void
+bus__breaker_record_at(bus_breaker *b, bool success, uint64_t mono_now)
+{
     int st = atomic_load_explicit(&b->state, memory_order_relaxed);
     int from = -1, to = -1;
     uint64_t now = 0;
     bool open = false;
+
+    if (mono_now != 0 && bus__clock_is_mono(&b->cfg.clock))
+        now = mono_now; /* the delivery's stamp: no clock read */
 
     atomic_fetch_add_explicit(&b->calls, 1, memory_order_relaxed);
     if (!success)
         atomic_fetch_add_explicit(&b->failures, 1, memory_order_relaxed);
     if (st == BUS_BREAKER_CLOSED) {
         if (b->rate_rule) {
-            now = bus_clock_now(&b->cfg.clock);
+            if (now == 0)
+                now = bus_clock_now(&b->cfg.clock);
             open = breaker_window_add(b, success, now);
         }
         if (success) {
@@ -308,7 +319,8 @@ bus_breaker_record(bus_breaker *b, bool success)
         }
         bus__mutex_unlock(&b->mtx);
     } else {
-        now = bus_clock_now(&b->cfg.clock);
+        if (now == 0)
+            now = bus_clock_now(&b->cfg.clock);
         bus__mutex_lock(&b->mtx);
         st = atomic_load_explicit(&b->state, memory_order_relaxed);
         if (st == BUS_BREAKER_HALF_OPEN) {

@@ -60,7 +60,28 @@
  *   both read. Profiles of the queued path showed those shared lines as
  *   the publisher's main cost.
  *
- * Lock order: ctx->wmtx, then a worker's wait mutex. No libbus lock is
+ * - The handler pipeline (docs/pipeline.md). A subscription composes at
+ *   subscribe time the two chains it runs (outer: the metrics middleware
+ *   when the context has a registry, then the context's chain; inner:
+ *   its failure policy, its own chain, its deadline). With none, the call
+ *   is the plain handler call it always was (the fast path: one branch,
+ *   and the thread's current delivery set for tracing). With some, the
+ *   dispatcher reads the clock once (d->now_ns, pipeline.h) and runs them.
+ *   The outcome flags decide the broker ack: DEFERRED means "not done
+ *   yet" (no ack; the parked retry owns the event reference, the link's
+ *   pending count and an enq count of the subscription), NACK or RETRY
+ *   asks for redelivery, ACK and REJECT (dead-lettered, or failed for
+ *   good) finish it.
+ * - Deferred retries (ctx_redo) wait on a hashed timer wheel owned by the
+ *   context, advanced by a timer thread (started with the first
+ *   subscription that may defer), which re-enqueues a due retry to the
+ *   worker of its key with its attempt number: other keys never wait for
+ *   it. Unsubscribe and detach take their parked retries back out
+ *   (dropped, not acked: an at-least-once broker redelivers); close drops
+ *   those still parked after the workers stopped, and logs them.
+ *
+ * Lock order: ctx->wmtx, then a worker's wait mutex; ctx->tmtx (the timer
+ * thread's) and the wheel's mutex are taken alone, never with wmtx. No libbus lock is
  * held while calling a handler, a broker op or an ack callback, and
  * bus__rcu_synchronize is never called with wmtx held (a handler inside a
  * read section may be waiting for wmtx).
@@ -77,9 +98,11 @@
 #include "broker_impl.h"
 #include "delivery.h"
 #include "event_impl.h"
+#include "pipeline.h"
 #include "platform.h"
 #include "rcu.h"
 #include "ring.h"
+#include "timerwheel.h"
 #include "topic.h"
 
 #define CTX_MAX_WORKERS 256
@@ -88,6 +111,8 @@
 #define CTX_LOOKUP_STACK 16
 #define CTX_MAX_BATCH_SUBS 8 /* batch subscriptions pending per worker */
 #define CTX_RETIRED_MAX 32   /* snapshots pending before subscribe waits */
+#define CTX_TICK_NS 1000000u /* timer wheel tick: 1 ms */
+#define CTX_WHEEL_SLOTS 1024 /* 1 s per turn; longer delays take turns */
 
 typedef struct ctx_link ctx_link;
 typedef struct ctx_route ctx_route;
@@ -107,15 +132,23 @@ struct ctx_link {
     atomic_bool gone;    /* detached or unsubscribed: refuse deliveries */
     /* Queue entries naming this link and not finished yet: incremented by
      * the delivering thread, decremented (release) by the worker after
-     * its ack. */
+     * its ack. A parked retry counts as an entry. */
     _Atomic uint64_t pending;
+    bus_counter *acked, *nacked; /* ctx metrics, or NULL */
 };
+
+/* Per-broker publish series (ctx metrics), freed with its route. */
+typedef struct ctx_bmetrics {
+    bus_counter *published;
+    bus_hist *latency;
+} ctx_bmetrics;
 
 /* A broker attached with a route pattern. Immutable once published. */
 struct ctx_route {
     bus_broker *broker;
     char *pattern;
     size_t pattern_size;
+    ctx_bmetrics *bm; /* NULL without metrics; owned as pattern is */
 };
 
 /* The routes, swapped as a whole under RCU like the index. */
@@ -140,7 +173,13 @@ struct bus_sub {
     uint32_t batch_max;
     uint32_t batch_linger_us;
     bool inline_;
+    bool piped;               /* outer or inner set: run the pipeline */
+    bool can_defer;           /* its policy may park retries */
     bool fail_fast;           /* backpressure FAIL */
+    bus_chain *outer, *inner; /* composed at subscribe (see the top) */
+    bus_breaker *breaker;     /* its policy's, for "<ctx>.breakers" */
+    bus_clock pclock;         /* its policy's clock (ctx_defer) */
+    bus_gauge *depth;         /* queue depth callback series, or NULL */
     int32_t block_timeout_ms; /* -1: forever */
     atomic_bool dead;         /* no new call may start */
     ctx_link *links;          /* brokers; under ctx->wmtx */
@@ -157,6 +196,28 @@ struct bus_sub {
     _Alignas(BUS_CACHELINE) _Atomic uint64_t deq;
     _Atomic uint64_t delivered, ok, retry, reject, dropped;
 };
+
+/* A deferred retry, parked on the context's timer wheel (t first), then
+ * carried by the queue entry that redelivers it (ring_entry.redo). It
+ * owns what an entry owns: a reference on ev, one of s->enq, one of
+ * link->pending. */
+typedef struct ctx_redo {
+    bus__timer t;
+    bus_event *ev;
+    bus_sub *sub;
+    ctx_link *link;
+    uint64_t token;
+    uint32_t attempt; /* the attempt it will be */
+    uint64_t first_fail_ns;
+    int64_t first_fail_wall;
+} ctx_redo;
+
+/* What the context's health checks remember between runs, per worker. */
+typedef struct ctx_hstate {
+    uint64_t head;        /* ring head at the last look */
+    uint64_t stuck_since; /* work queued and head unmoved since; 0 */
+    uint64_t sat_since;   /* saturated since; 0 */
+} ctx_hstate;
 
 /* Work a worker holds for a batch subscription. */
 typedef struct ctx_batch {
@@ -189,6 +250,7 @@ typedef struct ctx_retired {
     size_t routes_size;
     char *pattern;      /* a detached route's pattern */
     size_t pattern_size;
+    ctx_bmetrics *bm;   /* and its metrics */
 } ctx_retired;
 
 /* Context statistics, per thread (STYLE.md §8): a thread adds to its own
@@ -228,6 +290,22 @@ struct bus_ctx {
                               * workers may exit once their ring is empty */
     _Atomic uint64_t dropped_at_close;
     _Atomic uint64_t n_subs;
+    /* Deferred retries: the wheel, and the thread advancing it, which
+     * sleeps on tcond (under tmtx) while the wheel is empty. */
+    bus__twheel wheel;
+    bus__mutex tmtx;
+    bus__cond tcond;
+    bus__thread timer;
+    int tstop;          /* under tmtx */
+    int tkick;          /* under tmtx: a retry was parked */
+    _Atomic uint64_t parked; /* retries on the wheel or being moved */
+    /* Under wmtx (start) or by the closer; kept off the words above,
+     * which the timer thread reads. */
+    bool timer_started;
+    /* Health and metrics (cfg.health, cfg.metrics). */
+    bus_health_check *hc[3];
+    ctx_hstate *hstate;  /* n_workers, under the checks (never concurrent) */
+    bus_gauge **shard_depth; /* n_workers */
     ctx_tstats tstats[CTX_TSLOTS + 1]; /* per thread: ctx_tslot() */
 };
 
@@ -308,7 +386,15 @@ bus_ctx_config_init(bus_ctx_config *cfg)
     cfg->spin_ns = 20000;
     cfg->close_timeout_ms = 5000;
     cfg->topic_cache = 4096;
+    cfg->saturation_pct = 90;
+    cfg->saturated_ms = 5000;
 }
+
+/* Whether a caller's config struct (of in->size bytes; 0: this
+ * version's) has field: the structs grow at their end. */
+#define CTX_CFG_HAS(in, type, field)                                      \
+    ((in)->size == 0                                                      \
+     || (in)->size >= offsetof(type, field) + sizeof((in)->field))
 
 void
 bus_sub_config_init(bus_sub_config *cfg)
@@ -358,6 +444,19 @@ ctx_config_resolve(bus_ctx_config *out, const bus_ctx_config *in)
     if (in->topic_cache != 0)
         out->topic_cache = in->topic_cache;
     out->log = in->log;
+    if (CTX_CFG_HAS(in, bus_ctx_config, breakers)) {
+        out->chain = in->chain;
+        out->metrics = in->metrics;
+        out->health = in->health;
+        if (in->saturation_pct != 0)
+            out->saturation_pct = in->saturation_pct;
+        if (in->saturated_ms != 0)
+            out->saturated_ms = in->saturated_ms;
+        out->clock = in->clock;
+        out->breakers = in->breakers;
+    }
+    if (out->saturation_pct > 100 || out->saturated_ms < 1)
+        return BUS_EINVAL;
     if (out->workers > CTX_MAX_WORKERS
         || out->queue_capacity > CTX_MAX_QUEUE
         || out->backpressure > BUS_BP_FAIL || out->wait > BUS_WAIT_SPIN
@@ -369,6 +468,9 @@ ctx_config_resolve(bus_ctx_config *out, const bus_ctx_config *in)
 
 /* ---- Grace periods and reclamation ---------------------------------------- */
 
+static void ctx_bmetrics_free(ctx_bmetrics *bm);
+static void ctx_timer_stop(bus_ctx *ctx);
+
 static void
 ctx_free_retired(ctx_retired *r)
 {
@@ -377,11 +479,23 @@ ctx_free_retired(ctx_retired *r)
         bus__free(r->routes, r->routes_size);
     if (r->pattern != NULL)
         bus__free(r->pattern, r->pattern_size);
+    ctx_bmetrics_free(r->bm);
     bus__free(r, sizeof(*r));
 }
 
 static void sub_free(bus_sub *s);
 static void ctx_unlink_list(ctx_link *l);
+static ctx_bmetrics *ctx_bmetrics_new(bus_ctx *ctx, bus_broker *b);
+static void ctx_link_metrics(bus_ctx *ctx, ctx_link *l);
+static void ctx_link_free(ctx_link *l);
+static int ctx_defer(void *opaque, bus_delivery *d, uint64_t due_ns);
+static int ctx_dlq_publish(void *opaque, const char *topic, bus_event *ev);
+static int ctx_timer_start(bus_ctx *ctx);
+static uint64_t ctx_redo_drop_list(bus_ctx *ctx, bus__timer *t,
+                                   bool at_close);
+static bool ctx_redo_of_sub(bus__timer *t, void *arg);
+static bool ctx_redo_of_broker(bus__timer *t, void *arg);
+static double ctx_sub_depth_fn(void *opaque);
 
 /* Frees what was retired before a grace period. With wait, waits for one
  * (unless inside a read section, where waiting could deadlock: a later
@@ -515,11 +629,16 @@ sub_count_result(bus_sub *s, bus_result res, uint64_t n)
     }
 }
 
+/* Passes a handler outcome to the broker: BUS_RETRY asks for a
+ * redelivery (a nack), the others finish the delivery. */
 static void
 ctx_ack_link(ctx_link *l, uint64_t token, bus_result res)
 {
-    if (l != NULL && token != 0)
+    if (l != NULL && token != 0) {
         bus__broker_ack(l->broker, l->handle, token, res);
+        if (l->acked != NULL)
+            bus_counter_inc(res == BUS_RETRY ? l->nacked : l->acked);
+    }
 }
 
 /* An entry naming a link is finished (acked or dropped): the link may go
@@ -532,20 +651,66 @@ ctx_link_done(ctx_link *l)
         atomic_fetch_sub_explicit(&l->pending, 1, memory_order_release);
 }
 
-/* Calls one handler. @thread publisher or worker, inside a read section. */
-static void
-ctx_call(bus_sub *s, bus_event *ev, const char *topic, ctx_link *link,
-         uint64_t token)
+/* What the pipeline's hooks (ctx_defer) need of the call in progress;
+ * the delivery's owner. */
+typedef struct ctx_owner {
+    bus_sub *sub;
+    ctx_link *link;
+    uint64_t token;
+} ctx_owner;
+
+/* Runs the pipeline for one delivery (s->piped): one clock read, the
+ * composed chains, then the outcome to the statistics and the broker.
+ * Out of line: the plain call in ctx_call stays small. */
+static __attribute__((noinline)) void
+ctx_call_piped(bus_sub *s, bus_delivery *d, ctx_link *link, uint64_t token,
+               const ctx_redo *redo)
 {
+    ctx_owner own = {s, link, token};
+    bus_result res;
+
+    if (redo != NULL) {
+        d->attempt = redo->attempt;
+        d->first_fail_ns = redo->first_fail_ns;
+        d->first_fail_wall = redo->first_fail_wall;
+    }
+    d->owner = &own;
+    d->now_ns = bus__clock_mono_ns();
+    res = bus_chain_run(s->outer, s->inner, d, s->fn, s->opaque);
+    sub_count_result(s, res, 1);
+    /* Deferred: parked with its own link count; acked when it ends. */
+    if (d->flags & BUS_DELIVERY_F_DEFERRED)
+        return;
+    if (d->flags & BUS_DELIVERY_F_NACK)
+        res = BUS_RETRY;
+    ctx_ack_link(link, token, res);
+}
+
+/* Calls one handler (through its pipeline, if any), with the thread's
+ * current delivery set so that what it publishes inherits the trace
+ * context (trace.h). redo: the retry this call is, or NULL.
+ * @thread publisher or worker, inside a read section. */
+static inline void
+ctx_call(bus_sub *s, bus_event *ev, ctx_link *link, uint64_t token,
+         const ctx_redo *redo)
+{
+    const bus_delivery *prev = bus__trace_current;
     bus_delivery d;
     bus_result res;
 
-    bus__delivery_init(&d, ev, topic, s->name, 1, 0, s);
+    bus__delivery_init(&d, ev, ev->topic, s->name, 1, 0, s);
     atomic_fetch_add_explicit(&s->delivered, 1, memory_order_relaxed);
     CTX_STAT(s->ctx, delivered, 1);
-    res = s->fn(&d, s->opaque);
-    sub_count_result(s, res, 1);
-    ctx_ack_link(link, token, res);
+    bus__trace_current = &d;
+    if (__builtin_expect(!s->piped, 1)) {
+        res = s->fn(&d, s->opaque);
+        bus__trace_current = prev;
+        sub_count_result(s, res, 1);
+        ctx_ack_link(link, token, res);
+        return;
+    }
+    ctx_call_piped(s, &d, link, token, redo);
+    bus__trace_current = prev;
 }
 
 /* Releases an entry without calling its handler. */
@@ -560,6 +725,8 @@ ctx_drop_entry(bus_ctx *ctx, ring_entry *e, bool at_close)
      * if its guarantee says so. */
     bus_event_unref(e->ev);
     ctx_link_done(e->link);
+    if (e->redo != NULL)
+        bus__free(e->redo, sizeof(*e->redo));
 }
 
 /* True once close's drain deadline has passed: queued events are then
@@ -596,7 +763,8 @@ ctx_batch_flush(ctx_worker *w, ctx_batch *b)
             n = 64;
         for (i = 0; i < n; i++) {
             ring_entry *e = &b->entries[done + i];
-            bus__delivery_init(&ds[i], e->ev, e->topic, s->name, 1, 0, s);
+            bus__delivery_init(&ds[i], e->ev, e->ev->topic, s->name, 1, 0,
+                               s);
             ptrs[i] = &ds[i];
             res[i] = BUS_ACK;
         }
@@ -696,9 +864,11 @@ ctx_worker_handle(ctx_worker *w, ring_entry *e)
     if (atomic_load_explicit(&s->dead, memory_order_seq_cst))
         ctx_drop_entry(ctx, e, false);
     else {
-        ctx_call(s, e->ev, e->topic, e->link, e->token);
+        ctx_call(s, e->ev, e->link, e->token, e->redo);
         bus_event_unref(e->ev);
         ctx_link_done(e->link);
+        if (e->redo != NULL)
+            bus__free(e->redo, sizeof(*e->redo));
     }
     /* release: our last use of s happens-before its reclamation. */
     atomic_fetch_add_explicit(&s->deq, 1, memory_order_release);
@@ -830,6 +1000,250 @@ ctx_worker_main(void *arg)
     }
 }
 
+/* ---- Health checks and metrics ------------------------------------------------ */
+
+/* "<name>.workers" (liveness): a worker with work queued whose queue head
+ * has not moved for saturated_ms, judged between runs (a handler stuck or
+ * deadlocked). Inline: reads atomics. Never concurrent with itself. */
+static bus_health_status
+ctx_check_workers(void *opaque, char *msg, size_t len)
+{
+    bus_ctx *ctx = opaque;
+    uint64_t now = bus__clock_mono_ns();
+    uint64_t lim = (uint64_t)ctx->cfg.saturated_ms * 1000000u;
+    uint32_t i, stuck = 0, which = 0;
+
+    for (i = 0; i < ctx->n_workers; i++) {
+        ctx_worker *w = &ctx->workers[i];
+        ctx_hstate *h = &ctx->hstate[i];
+        uint64_t head = atomic_load_explicit(&w->q.head, memory_order_acquire);
+        if (ring_depth(&w->q) == 0 || head != h->head) {
+            h->head = head;
+            h->stuck_since = 0;
+        } else if (h->stuck_since == 0) {
+            h->stuck_since = now;
+        } else if (now - h->stuck_since >= lim) {
+            if (stuck++ == 0)
+                which = i;
+        }
+    }
+    if (stuck > 0) {
+        snprintf(msg, len,
+                 "%u of %u workers made no progress for %d ms with work "
+                 "queued (worker %u first)",
+                 stuck, ctx->n_workers, ctx->cfg.saturated_ms, which);
+        return BUS_HEALTH_UNHEALTHY;
+    }
+    snprintf(msg, len, "%u workers", ctx->n_workers);
+    return BUS_HEALTH_HEALTHY;
+}
+
+/* "<name>.queues" (readiness): a queue at saturation_pct % of its
+ * capacity or more for saturated_ms, judged between runs. */
+static bus_health_status
+ctx_check_queues(void *opaque, char *msg, size_t len)
+{
+    bus_ctx *ctx = opaque;
+    uint64_t now = bus__clock_mono_ns();
+    uint64_t lim = (uint64_t)ctx->cfg.saturated_ms * 1000000u;
+    uint64_t cap = ctx->cfg.queue_capacity;
+    uint64_t thr = cap * ctx->cfg.saturation_pct / 100, depth, most = 0;
+    uint32_t i, sat = 0;
+
+    if (thr == 0)
+        thr = 1;
+    for (i = 0; i < ctx->n_workers; i++) {
+        ctx_hstate *h = &ctx->hstate[i];
+        depth = ring_depth(&ctx->workers[i].q);
+        if (depth > most)
+            most = depth;
+        if (depth < thr)
+            h->sat_since = 0;
+        else if (h->sat_since == 0)
+            h->sat_since = now;
+        else if (now - h->sat_since >= lim)
+            sat++;
+    }
+    if (sat > 0) {
+        snprintf(msg, len,
+                 "%u of %u queues at >= %u%% of %llu for %d ms or more",
+                 sat, ctx->n_workers, ctx->cfg.saturation_pct,
+                 (unsigned long long)cap, ctx->cfg.saturated_ms);
+        return BUS_HEALTH_UNHEALTHY;
+    }
+    snprintf(msg, len, "deepest queue %llu of %llu", (unsigned long long)most,
+             (unsigned long long)cap);
+    return BUS_HEALTH_HEALTHY;
+}
+
+/* "<name>.breakers" (both views): any breaker of a subscription's policy
+ * (or of cfg.breakers) not CLOSED makes the bus DEGRADED: it works, some
+ * deliveries are held back. */
+static bus_health_status
+ctx_check_breakers(void *opaque, char *msg, size_t len)
+{
+    bus_ctx *ctx = opaque;
+    size_t n = 0, total = 0;
+    char first[128] = "";
+    bus_sub *s;
+
+    bus__mutex_lock(&ctx->wmtx);
+    for (s = ctx->subs; s != NULL; s = s->next) {
+        if (s->breaker == NULL)
+            continue;
+        total++;
+        if (bus_breaker_state_get(s->breaker) != BUS_BREAKER_CLOSED
+            && n++ == 0)
+            snprintf(first, sizeof(first), "%s (%s)",
+                     bus_breaker_name(s->breaker),
+                     bus_breaker_state_name(
+                         bus_breaker_state_get(s->breaker)));
+    }
+    bus__mutex_unlock(&ctx->wmtx);
+    if (ctx->cfg.breakers != NULL) {
+        size_t k = bus_breaker_registry_open_count(ctx->cfg.breakers);
+        if (k > 0 && n == 0)
+            snprintf(first, sizeof(first), "of the registry");
+        n += k;
+    }
+    if (n > 0) {
+        snprintf(msg, len, "%zu breaker(s) not closed: %s", n, first);
+        return BUS_HEALTH_DEGRADED;
+    }
+    snprintf(msg, len, "%zu subscription breaker(s) closed", total);
+    return BUS_HEALTH_HEALTHY;
+}
+
+/* Registers the three checks. A failure is logged, not fatal: the bus
+ * runs without that check. */
+static void
+ctx_health_register(bus_ctx *ctx)
+{
+    static const struct {
+        const char *suffix;
+        bus_health_fn fn;
+        unsigned views;
+    } checks[3] = {
+        {"workers", ctx_check_workers, BUS_HEALTH_LIVENESS},
+        {"queues", ctx_check_queues, BUS_HEALTH_READINESS},
+        {"breakers", ctx_check_breakers, BUS_HEALTH_BOTH},
+    };
+    bus_health_check_config hc;
+    char name[BUS_HEALTH_NAME_MAX];
+    int rv;
+
+    for (size_t i = 0; i < 3; i++) {
+        bus_health_check_config_init(&hc);
+        snprintf(name, sizeof(name), "%s.%s", ctx->name, checks[i].suffix);
+        hc.name = name;
+        hc.fn = checks[i].fn;
+        hc.opaque = ctx;
+        hc.views = checks[i].views;
+        hc.run_inline = true;
+        if ((rv = bus_health_register(ctx->cfg.health, &hc, &ctx->hc[i]))
+            != BUS_OK)
+            bus_logf(&ctx->cfg.log, BUS_LOG_ERR, "core",
+                     "%s: health check %s not registered: %s", ctx->name,
+                     name, bus_strerror(rv));
+    }
+}
+
+static double
+ctx_shard_depth_fn(void *opaque)
+{
+    return (double)ring_depth(opaque);
+}
+
+static double
+ctx_sub_depth_fn(void *opaque)
+{
+    bus_sub *s = opaque;
+    uint64_t deq = atomic_load_explicit(&s->deq, memory_order_acquire);
+    uint64_t enq = atomic_load_explicit(&s->enq, memory_order_relaxed);
+
+    return enq > deq ? (double)(enq - deq) : 0.0;
+}
+
+#define CTX_DEPTH_HELP                                                     \
+    "Events waiting in the bus queues (subscription=\"\": a shard's queue; " \
+    "shard=\"\": a subscription's events in all shards)."
+
+/* bus_queue_depth{subscription="",shard="i"} for each worker queue. */
+static void
+ctx_metrics_register(bus_ctx *ctx)
+{
+    char shard[16];
+    bus_label l[2] = {{"subscription", ""}, {"shard", shard}};
+
+    ctx->shard_depth = bus__zalloc(sizeof(bus_gauge *) * ctx->n_workers);
+    for (uint32_t i = 0; ctx->shard_depth != NULL && i < ctx->n_workers;
+         i++) {
+        snprintf(shard, sizeof(shard), "%u", i);
+        (void)bus_metrics_gauge_fn(ctx->cfg.metrics, "bus_queue_depth",
+                                   CTX_DEPTH_HELP, l, 2, ctx_shard_depth_fn,
+                                   &ctx->workers[i].q, &ctx->shard_depth[i]);
+    }
+}
+
+/* Per-broker series of a route or a link ({broker=scheme}). */
+static ctx_bmetrics *
+ctx_bmetrics_new(bus_ctx *ctx, bus_broker *b)
+{
+    bus_label l = {"broker", bus_broker_scheme(b)};
+    ctx_bmetrics *bm;
+
+    if (ctx->cfg.metrics == NULL || (bm = bus__zalloc(sizeof(*bm))) == NULL)
+        return NULL;
+    (void)bus_metrics_counter(ctx->cfg.metrics, "bus_broker_published_total",
+                              "Events the bus published through a broker.",
+                              &l, 1, &bm->published);
+    (void)bus_metrics_hist(ctx->cfg.metrics,
+                           "bus_broker_publish_latency_seconds",
+                           "Time a broker's publish call took.", &l, 1,
+                           &bm->latency);
+    return bm;
+}
+
+static void
+ctx_bmetrics_free(ctx_bmetrics *bm)
+{
+    if (bm == NULL)
+        return;
+    bus_counter_release(bm->published);
+    bus_hist_release(bm->latency);
+    bus__free(bm, sizeof(*bm));
+}
+
+static void
+ctx_link_metrics(bus_ctx *ctx, ctx_link *l)
+{
+    bus_label lb = {"broker", bus_broker_scheme(l->broker)};
+
+    if (ctx->cfg.metrics == NULL)
+        return;
+    (void)bus_metrics_counter(ctx->cfg.metrics, "bus_broker_acked_total",
+                              "Deliveries the bus acknowledged to a broker "
+                              "(handled or dead-lettered).",
+                              &lb, 1, &l->acked);
+    (void)bus_metrics_counter(ctx->cfg.metrics, "bus_broker_nacked_total",
+                              "Deliveries the bus asked a broker to "
+                              "redeliver.",
+                              &lb, 1, &l->nacked);
+    if (l->acked == NULL || l->nacked == NULL) {
+        bus_counter_release(l->acked);
+        bus_counter_release(l->nacked);
+        l->acked = l->nacked = NULL;
+    }
+}
+
+static void
+ctx_link_free(ctx_link *l)
+{
+    bus_counter_release(l->acked);
+    bus_counter_release(l->nacked);
+    bus__free(l, sizeof(*l));
+}
+
 /* ---- Open and close --------------------------------------------------------- */
 
 static void ctx_free(bus_ctx *ctx);
@@ -852,6 +1266,8 @@ bus_ctx_open(bus_ctx **out, const bus_ctx_config *cfg)
     ctx->mem = mem;
     bus__rcu_init(&ctx->rcu);
     bus__mutex_init(&ctx->wmtx);
+    bus__mutex_init(&ctx->tmtx);
+    bus__cond_init(&ctx->tcond);
     if ((rv = ctx_config_resolve(&ctx->cfg, cfg)) != BUS_OK) {
         bus_logf(cfg ? &cfg->log : NULL, BUS_LOG_ERR, "core",
                  "bus_ctx_open: a config field is out of range (workers "
@@ -866,12 +1282,20 @@ bus_ctx_open(bus_ctx **out, const bus_ctx_config *cfg)
     if ((ix = bus__tindex_new(ctx->cfg.topic_cache)) == NULL)
         goto fail;
     atomic_init(&ctx->index, ix);
+    if ((rv = bus__twheel_init(&ctx->wheel, CTX_TICK_NS, CTX_WHEEL_SLOTS,
+                               bus_clock_now(&ctx->cfg.clock)))
+        != BUS_OK)
+        goto fail;
+    rv = BUS_ENOMEM;
     ctx->n_workers = ctx->cfg.workers;
     if ((ctx->n_workers & (ctx->n_workers - 1)) == 0)
         ctx->worker_mask = ctx->n_workers - 1;
     ctx->workers = ctx_zalloc_lines(sizeof(ctx_worker) * ctx->n_workers,
                                     &ctx->workers_mem);
     if (ctx->workers == NULL)
+        goto fail;
+    if ((ctx->hstate = bus__zalloc(sizeof(ctx_hstate) * ctx->n_workers))
+        == NULL)
         goto fail;
     for (i = 0; i < ctx->n_workers; i++) {
         ctx_worker *w = &ctx->workers[i];
@@ -900,6 +1324,10 @@ bus_ctx_open(bus_ctx **out, const bus_ctx_config *cfg)
             goto fail;
         ctx->workers[i].started = true;
     }
+    if (ctx->cfg.metrics != NULL)
+        ctx_metrics_register(ctx);
+    if (ctx->cfg.health != NULL)
+        ctx_health_register(ctx);
     *out = ctx;
     return BUS_OK;
 fail:
@@ -958,6 +1386,9 @@ ctx_end_intake(bus_ctx *ctx)
 static void
 sub_free(bus_sub *s)
 {
+    bus_gauge_release(s->depth); /* waits for a snapshot reading it */
+    bus_chain_free(s->outer);
+    bus_chain_free(s->inner);
     bus__free(s->pattern, s->pattern_size);
     bus__free(s->name, s->name_size);
     bus__free(s->group, s->group_size);
@@ -976,13 +1407,26 @@ ctx_free(bus_ctx *ctx)
 
     if (ctx == NULL)
         return;
+    /* The checks and gauges read the workers and subscriptions: first. */
+    for (i = 0; i < 3; i++)
+        bus_health_deregister(ctx->hc[i]);
+    for (i = 0; ctx->shard_depth != NULL && i < ctx->n_workers; i++)
+        bus_gauge_release(ctx->shard_depth[i]);
+    if (ctx->shard_depth != NULL)
+        bus__free(ctx->shard_depth, sizeof(bus_gauge *) * ctx->n_workers);
     bus_ctx_close_async(ctx);
     ctx_end_intake(ctx);
     for (i = 0; ctx->workers != NULL && i < ctx->n_workers; i++) {
+        if (ctx->workers[i].started)
+            bus__thread_join(&ctx->workers[i].thread);
+        ctx->workers[i].started = false;
+    }
+    /* Parked retries name subscriptions and links: before those go. */
+    ctx_timer_stop(ctx);
+    (void)bus__twheel_fini(&ctx->wheel); /* empty now */
+    for (i = 0; ctx->workers != NULL && i < ctx->n_workers; i++) {
         ctx_worker *w = &ctx->workers[i];
         size_t k;
-        if (w->started)
-            bus__thread_join(&w->thread);
         if (w->q.slots != NULL) {
             ring_entry e;
             /* Anything left (only when the drain was cut short). */
@@ -1001,6 +1445,8 @@ ctx_free(bus_ctx *ctx)
         bus__mutex_fini(&w->mtx);
     }
     ctx_free_lines(ctx->workers_mem, sizeof(ctx_worker) * ctx->n_workers);
+    if (ctx->hstate != NULL)
+        bus__free(ctx->hstate, sizeof(ctx_hstate) * ctx->n_workers);
     while ((s = ctx->subs) != NULL) {
         ctx->subs = s->next;
         ctx_unlink_brokers(s);
@@ -1022,11 +1468,15 @@ ctx_free(bus_ctx *ctx)
     bus__tindex_release(atomic_load(&ctx->index));
     routes = atomic_load(&ctx->routes);
     if (routes != NULL) {
-        for (i = 0; i < routes->n; i++)
+        for (i = 0; i < routes->n; i++) {
             bus__free(routes->r[i].pattern, routes->r[i].pattern_size);
+            ctx_bmetrics_free(routes->r[i].bm);
+        }
         bus__free(routes, ctx->routes_size);
     }
     bus__free(ctx->name, ctx->name_size);
+    bus__cond_fini(&ctx->tcond);
+    bus__mutex_fini(&ctx->tmtx);
     bus__mutex_fini(&ctx->wmtx);
     bus__rcu_fini(&ctx->rcu);
     ctx_free_lines(ctx->mem, sizeof(*ctx));
@@ -1075,6 +1525,9 @@ bus_ctx_close(bus_ctx *ctx)
         bus__thread_join(&ctx->workers[i].thread);
         ctx->workers[i].started = false;
     }
+    /* Parked retries hold their links: dropped before the detach below
+     * waits for the links to be free. */
+    ctx_timer_stop(ctx);
     /* Brokers last: the queued deliveries drained above acked through
      * their links. Detaching swaps the routes array: re-read each time. */
     for (;;) {
@@ -1104,6 +1557,95 @@ bus_ctx_close(bus_ctx *ctx)
 static int
 ctx_link_broker(bus_sub *s, bus_broker *b, const char *route);
 
+/* Appends mw (built with result rv) to c; frees its state on failure. */
+static int
+ctx_chain_add(bus_chain *c, int rv, bus_middleware *mw)
+{
+    if (rv != BUS_OK)
+        return rv;
+    if ((rv = bus_chain_append(c, mw)) != BUS_OK && mw->free_state != NULL)
+        mw->free_state(mw->state);
+    return rv;
+}
+
+/* Appends src's middlewares to c, not owning their states (src's owner
+ * frees them). */
+static int
+ctx_chain_copy(bus_chain *c, const bus_chain *src)
+{
+    const bus_middleware *v;
+    size_t n, i;
+    int rv;
+
+    v = bus__chain_items(src, &n);
+    for (i = 0; i < n; i++) {
+        bus_middleware m = v[i];
+        m.free_state = NULL;
+        if ((rv = bus_chain_append(c, &m)) != BUS_OK)
+            return rv;
+    }
+    return BUS_OK;
+}
+
+/* Composes the chains s runs (see the top): outer = [metrics] + the
+ * context's chain; inner = [policy] + the subscription's chain +
+ * [deadline]. Both NULL: the plain call. The policy's hooks are ours. */
+static int
+ctx_sub_pipeline(bus_ctx *ctx, bus_sub *s, const bus_sub_config *c)
+{
+    bus_middleware mw;
+    int rv = BUS_OK;
+
+    if (s->batch_fn != NULL)
+        return BUS_OK; /* no per-delivery pipeline (docs/bus.md) */
+    if (ctx->cfg.metrics != NULL || bus_chain_len(ctx->cfg.chain) > 0) {
+        if ((rv = bus_chain_new(&s->outer)) != BUS_OK)
+            return rv;
+        if (ctx->cfg.metrics != NULL)
+            rv = ctx_chain_add(s->outer,
+                               bus_mw_metrics(&mw, ctx->cfg.metrics, s->name),
+                               &mw);
+        if (rv == BUS_OK)
+            rv = ctx_chain_copy(s->outer, ctx->cfg.chain);
+    }
+    if (rv == BUS_OK
+        && (c->policy != NULL || c->deadline_ms > 0
+            || bus_chain_len(c->chain) > 0)) {
+        if ((rv = bus_chain_new(&s->inner)) != BUS_OK)
+            return rv;
+        if (c->policy != NULL) {
+            bus_failure_policy p = *c->policy;
+            if (c->dlq_topic != NULL)
+                p.dlq_topic = c->dlq_topic;
+            if (p.dlq_publish == NULL) {
+                p.dlq_publish = ctx_dlq_publish;
+                p.dlq_opaque = s;
+            }
+            /* Inline handlers run in the publisher's thread, which has no
+             * queue to come back to: they retry in place. */
+            p.defer = s->inline_ ? NULL : ctx_defer;
+            p.defer_opaque = s;
+            if (p.log.fn == NULL)
+                p.log = ctx->cfg.log;
+            s->breaker = p.breaker;
+            s->pclock = p.clock;
+            s->can_defer = p.defer != NULL;
+            rv = ctx_chain_add(s->inner, bus_mw_policy(&mw, &p), &mw);
+        }
+        if (rv == BUS_OK)
+            rv = ctx_chain_copy(s->inner, c->chain);
+        if (rv == BUS_OK && c->deadline_ms > 0)
+            rv = ctx_chain_add(s->inner,
+                               bus_mw_deadline(&mw, c->deadline_ms,
+                                               &ctx->cfg.log, NULL,
+                                               c->policy ? &c->policy->clock
+                                                         : NULL),
+                               &mw);
+    }
+    s->piped = s->outer != NULL || s->inner != NULL;
+    return rv;
+}
+
 static int
 ctx_sub_config(bus_ctx *ctx, bus_sub *s, const char *pattern,
                const bus_sub_config *cfg)
@@ -1125,10 +1667,19 @@ ctx_sub_config(bus_ctx *ctx, bus_sub *s, const char *pattern,
             c.batch_max = cfg->batch_max;
         c.batch_linger_us = cfg->batch_linger_us;
         c.group = cfg->group;
+        if (CTX_CFG_HAS(cfg, bus_sub_config, dlq_topic)) {
+            c.chain = cfg->chain;
+            c.policy = cfg->policy;
+            c.deadline_ms = cfg->deadline_ms;
+            c.dlq_topic = cfg->dlq_topic;
+        }
     }
     if (c.dispatch > BUS_DISPATCH_QUEUED || c.backpressure > BUS_BP_FAIL
         || c.block_timeout_ms < -1 || c.batch_max > 4096
-        || (c.batch_fn != NULL && c.dispatch == BUS_DISPATCH_INLINE))
+        || (c.batch_fn != NULL && c.dispatch == BUS_DISPATCH_INLINE)
+        || c.deadline_ms < 0
+        || (c.batch_fn != NULL
+            && (c.chain != NULL || c.policy != NULL || c.deadline_ms != 0)))
         return BUS_EINVAL;
     s->inline_ = c.dispatch == BUS_DISPATCH_INLINE;
     bp = c.backpressure != BUS_BP_DEFAULT ? c.backpressure
@@ -1147,7 +1698,7 @@ ctx_sub_config(bus_ctx *ctx, bus_sub *s, const char *pattern,
     if (c.group != NULL
         && (s->group = bus__strdup(c.group, &s->group_size)) == NULL)
         return BUS_ENOMEM;
-    return BUS_OK;
+    return ctx_sub_pipeline(ctx, s, &c);
 }
 
 int
@@ -1187,7 +1738,20 @@ bus_subscribe(bus_ctx *ctx, const char *pattern, bus_handler_fn fn,
         return rv;
     }
 
+    if (ctx->cfg.metrics != NULL && s->batch_fn == NULL) {
+        bus_label l[2] = {{"subscription", s->name}, {"shard", ""}};
+        /* EEXIST (two subscriptions of one name): the first one's. */
+        (void)bus_metrics_gauge_fn(ctx->cfg.metrics, "bus_queue_depth",
+                                   CTX_DEPTH_HELP, l, 2, ctx_sub_depth_fn,
+                                   s, &s->depth);
+    }
+
     bus__mutex_lock(&ctx->wmtx);
+    if (s->can_defer && (rv = ctx_timer_start(ctx)) != BUS_OK) {
+        bus__mutex_unlock(&ctx->wmtx);
+        sub_free(s);
+        return rv;
+    }
     /* Brokers first: if one refuses, nothing is visible yet. */
     routes = atomic_load_explicit(&ctx->routes, memory_order_relaxed);
     for (i = 0; routes != NULL && i < routes->n; i++) {
@@ -1281,6 +1845,12 @@ bus_unsubscribe(bus_sub *s)
         ctx_reclaim(ctx, true);
         if (bus__rcu_in_section(&ctx->rcu))
             break;
+        /* After that grace period no handler of s can park a retry: take
+         * back those parked (a retry being fired now reaches a worker,
+         * which drops it). */
+        ctx_redo_drop_list(
+            ctx, bus__twheel_remove_if(&ctx->wheel, ctx_redo_of_sub, s),
+            false);
         bus__mutex_lock(&ctx->wmtx);
         for (z = ctx->zombies; z != NULL && !pending; z = z->next)
             pending = z == s;
@@ -1446,7 +2016,7 @@ restart:
         atomic_fetch_add_explicit(&link->pending, n_claimed,
                                   memory_order_relaxed);
     for (i = 0; i < n_claimed; i++) {
-        ring_entry e = {ev, cl[i].sub, link, token, ev->topic};
+        ring_entry e = {ev, cl[i].sub, link, token, NULL};
         atomic_fetch_add_explicit(&cl[i].sub->enq, 1, memory_order_relaxed);
         ring_commit(&cl[i].w->q, cl[i].pos, &e);
     }
@@ -1462,12 +2032,226 @@ restart:
             if (!s->inline_
                 || atomic_load_explicit(&s->dead, memory_order_seq_cst))
                 continue;
-            ctx_call(s, ev, ev->topic, link, token);
+            ctx_call(s, ev, link, token, NULL);
         }
     }
     if (n_claimed == 0 || n_inline > 0)
         bus_event_unref(ev);
     return BUS_OK;
+}
+
+/* ---- Deferred retries ------------------------------------------------------ */
+
+static inline ctx_worker *
+ctx_worker_of(bus_ctx *ctx, bus_sub *s, const bus_event *ev)
+{
+    uint64_t key = s->key_fn != NULL ? s->key_fn(ev, s->key_opaque)
+                                     : ctx_default_key(ev);
+
+    return &ctx->workers[ctx->worker_mask != 0 || ctx->n_workers == 1
+                             ? key & ctx->worker_mask
+                             : key % ctx->n_workers];
+}
+
+/* A parked retry is due: queue it to the worker of its key, where it
+ * waits behind what that worker has (never ahead of it). A full queue
+ * puts it back on the wheel for the next tick: the timer thread never
+ * blocks. @thread timer (or the closer). */
+static void
+ctx_redo_fire(bus__timer *t, void *arg)
+{
+    ctx_redo *r = (ctx_redo *)t; /* t is its first member */
+    bus_ctx *ctx = arg;
+    ctx_worker *w = ctx_worker_of(ctx, r->sub, r->ev);
+    ring_entry e = {r->ev, r->sub, r->link, r->token, r};
+    uint64_t pos;
+
+    if (!ring_claim(&w->q, &pos)) {
+        r->t.due_ns = bus_clock_now(&ctx->cfg.clock);
+        bus__twheel_add(&ctx->wheel, &r->t);
+        return;
+    }
+    ring_commit(&w->q, pos, &e);
+    atomic_fetch_sub_explicit(&ctx->parked, 1, memory_order_relaxed);
+    ctx_wake(ctx, w);
+}
+
+/* The policy's defer hook (policy.h) of a queued subscription: parks the
+ * delivery on the wheel; the worker goes on with other events. Takes what
+ * a queue entry owns (see ctx_redo). A retry after a failure is the next
+ * attempt; one deferred because the breaker refused it (the handler was
+ * not called) keeps its number. @thread worker, in the handler's call. */
+static int
+ctx_defer(void *opaque, bus_delivery *d, uint64_t due_ns)
+{
+    bus_sub *s = opaque;
+    bus_ctx *ctx = s->ctx;
+    const ctx_owner *own = d->owner;
+    uint64_t pnow, delay;
+    ctx_redo *r;
+
+    if (own == NULL || own->sub != s)
+        return BUS_EINVAL; /* not a delivery of ours: retry in place */
+    if ((r = bus__zalloc(sizeof(*r))) == NULL)
+        return BUS_ENOMEM;
+    /* due_ns is on the policy's clock, the wheel on the context's. */
+    pnow = bus_clock_now(&s->pclock);
+    delay = due_ns > pnow ? due_ns - pnow : 0;
+    r->t.due_ns = bus_clock_now(&ctx->cfg.clock) + delay;
+    r->t.fn = ctx_redo_fire;
+    r->t.arg = ctx;
+    r->ev = bus_event_ref(d->event);
+    r->sub = s;
+    r->link = own->link;
+    r->token = own->token;
+    r->attempt = (d->flags & BUS_DELIVERY_F_BREAKER) ? d->attempt
+                                                     : d->attempt + 1;
+    r->first_fail_ns = d->first_fail_ns;
+    r->first_fail_wall = d->first_fail_wall;
+    /* Relaxed: s and the link are alive (we are in s's handler, whose
+     * entry holds both); reclaim reads these after a grace period. */
+    atomic_fetch_add_explicit(&s->enq, 1, memory_order_relaxed);
+    if (r->link != NULL)
+        atomic_fetch_add_explicit(&r->link->pending, 1,
+                                  memory_order_relaxed);
+    atomic_fetch_add_explicit(&ctx->parked, 1, memory_order_relaxed);
+    bus__twheel_add(&ctx->wheel, &r->t);
+    bus__mutex_lock(&ctx->tmtx);
+    ctx->tkick = true;
+    bus__cond_signal(&ctx->tcond);
+    bus__mutex_unlock(&ctx->tmtx);
+    return BUS_OK;
+}
+
+/* The policy's dead-letter sink: a publish on the same context, so an
+ * attached broker whose route matches carries it. Never blocks. */
+static int
+ctx_dlq_publish(void *opaque, const char *topic, bus_event *ev)
+{
+    bus_sub *s = opaque;
+
+    return bus_publish(s->ctx, topic, ev, BUS_PUB_NONBLOCK);
+}
+
+/* Drops parked retries taken off the wheel: released, counted, not acked
+ * (an at-least-once broker redelivers). Returns how many. */
+static uint64_t
+ctx_redo_drop_list(bus_ctx *ctx, bus__timer *t, bool at_close)
+{
+    uint64_t n = 0;
+
+    while (t != NULL) {
+        ctx_redo *r = (ctx_redo *)t;
+        bus_sub *s = r->sub;
+        ring_entry e = {r->ev, s, r->link, r->token, r};
+        t = t->next;
+        ctx_drop_entry(ctx, &e, at_close); /* frees r */
+        atomic_fetch_sub_explicit(&ctx->parked, 1, memory_order_relaxed);
+        /* release: our last use of s happens-before its reclamation. */
+        atomic_fetch_add_explicit(&s->deq, 1, memory_order_release);
+        n++;
+    }
+    return n;
+}
+
+static bool
+ctx_redo_of_sub(bus__timer *t, void *arg)
+{
+    return ((ctx_redo *)t)->sub == arg;
+}
+
+static bool
+ctx_redo_of_broker(bus__timer *t, void *arg)
+{
+    ctx_redo *r = (ctx_redo *)t;
+
+    return r->link != NULL && r->link->broker == arg;
+}
+
+static bool
+ctx_redo_any(bus__timer *t, void *arg)
+{
+    (void)t;
+    (void)arg;
+    return true;
+}
+
+/* Advances the wheel every tick while it holds retries, else sleeps until
+ * one is parked. The wheel runs on cfg.clock: with a test clock, time
+ * moves when the test says and this thread only looks every tick. */
+static void
+ctx_timer_main(void *arg)
+{
+    bus_ctx *ctx = arg;
+    bool busy;
+
+    bus__mutex_lock(&ctx->tmtx);
+    while (!ctx->tstop) {
+        ctx->tkick = false;
+        bus__mutex_unlock(&ctx->tmtx);
+        bus__twheel_advance(&ctx->wheel, bus_clock_now(&ctx->cfg.clock));
+        busy = bus__twheel_count(&ctx->wheel) > 0;
+        bus__mutex_lock(&ctx->tmtx);
+        if (ctx->tstop || ctx->tkick)
+            continue;
+        bus__cond_wait_until(&ctx->tcond, &ctx->tmtx,
+                             bus__clock_mono_ns()
+                                 + (busy ? CTX_TICK_NS : 1000000000u));
+    }
+    bus__mutex_unlock(&ctx->tmtx);
+}
+
+/* Starts the timer thread once. @locks ctx->wmtx held. */
+static int
+ctx_timer_start(bus_ctx *ctx)
+{
+    int rv;
+
+    if (ctx->timer_started)
+        return BUS_OK;
+    rv = bus__thread_start(&ctx->timer, "bus-timer", ctx_timer_main, ctx);
+    if (rv == BUS_OK)
+        ctx->timer_started = true;
+    return rv;
+}
+
+/* Stops the timer thread and drops what is still parked, then what it
+ * queued after the workers stopped. @thread closer, workers joined. */
+static void
+ctx_timer_stop(bus_ctx *ctx)
+{
+    uint64_t n;
+
+    if (ctx->wheel.slots == NULL)
+        return;
+    bus__mutex_lock(&ctx->tmtx);
+    ctx->tstop = true;
+    bus__cond_signal(&ctx->tcond);
+    bus__mutex_unlock(&ctx->tmtx);
+    if (ctx->timer_started) {
+        bus__thread_join(&ctx->timer);
+        ctx->timer_started = false;
+    }
+    n = ctx_redo_drop_list(
+        ctx, bus__twheel_remove_if(&ctx->wheel, ctx_redo_any, NULL), true);
+    if (n > 0)
+        bus_logf(&ctx->cfg.log, BUS_LOG_WARN, "core",
+                 "%s: %llu deferred retries still parked at close dropped "
+                 "(not acked: a broker with redelivery delivers them again)",
+                 ctx->name, (unsigned long long)n);
+    for (uint32_t i = 0; ctx->workers != NULL && i < ctx->n_workers; i++) {
+        ctx_worker *w = &ctx->workers[i];
+        ring_entry e;
+        if (w->q.slots == NULL)
+            continue;
+        /* Retries the timer queued after the worker had left. */
+        while (ring_pop(&w->q, &e, 1) == 1) {
+            if (e.sub == NULL)
+                continue;
+            ctx_drop_entry(ctx, &e, true);
+            atomic_fetch_add_explicit(&e.sub->deq, 1, memory_order_release);
+        }
+    }
 }
 
 /* Makes sure ev is frozen and carries topic; may replace *evp by a clone
@@ -1533,19 +2317,32 @@ ctx_publish_routed(bus_ctx *ctx, const ctx_routes *routes,
                    bus_ack_fn fn, void *opaque, bool *routed)
 {
     bus_broker *match[8];
+    ctx_bmetrics *bm[8];
     size_t n = 0, i, sent = 0;
     ctx_ack_join *j = NULL;
+    uint64_t t0 = 0;
     int rv = BUS_OK;
 
     (void)ctx;
     for (i = 0; i < routes->n && n < 8; i++)
-        if (bus__topic_match(routes->r[i].pattern, topic))
+        if (bus__topic_match(routes->r[i].pattern, topic)) {
+            bm[n] = routes->r[i].bm;
             match[n++] = routes->r[i].broker;
+        }
     *routed = n > 0;
     if (n == 0)
         return BUS_OK;
-    if (n == 1)
-        return bus_broker_publish(match[0], topic, ev, flags, fn, opaque);
+    if (n == 1) {
+        if (bm[0] == NULL)
+            return bus_broker_publish(match[0], topic, ev, flags, fn, opaque);
+        t0 = bus__clock_mono_ns();
+        rv = bus_broker_publish(match[0], topic, ev, flags, fn, opaque);
+        if (rv == BUS_OK) {
+            bus_counter_inc(bm[0]->published);
+            bus_hist_record(bm[0]->latency, bus__clock_mono_ns() - t0);
+        }
+        return rv;
+    }
     if (fn != NULL) {
         if ((j = bus__alloc(sizeof(*j))) == NULL)
             return BUS_ENOMEM;
@@ -1557,8 +2354,14 @@ ctx_publish_routed(bus_ctx *ctx, const ctx_routes *routes,
     /* Each broker takes one reference; the caller's is dropped after. */
     for (i = 0; i < n; i++) {
         bus_event_ref(ev);
+        if (bm[i] != NULL)
+            t0 = bus__clock_mono_ns();
         rv = bus_broker_publish(match[i], topic, ev, flags,
                                 j ? ctx_ack_join_fn : NULL, j);
+        if (rv == BUS_OK && bm[i] != NULL) {
+            bus_counter_inc(bm[i]->published);
+            bus_hist_record(bm[i]->latency, bus__clock_mono_ns() - t0);
+        }
         if (rv != BUS_OK) {
             bus_event_unref(ev);
             if (sent == 0)
@@ -1595,6 +2398,13 @@ bus_publish_ack(bus_ctx *ctx, const char *topic, bus_event *ev,
         return BUS_EINVAL;
     if (ev->type_len == 0)
         return BUS_EINVAL;
+    /* Published from a handler: inherit the handled event's correlation,
+     * causation and trace context (trace.h). Best effort: an event that
+     * is frozen already keeps what it has, and a failure to add headers
+     * (ENOMEM) does not fail the publish. */
+    if (__builtin_expect(bus__trace_current != NULL, 0)
+        && !bus__event_is_frozen(ev))
+        (void)bus_trace_inherit(ev);
     len = strlen(topic); /* the only strlen: everything below takes len */
     tok = bus__rcu_enter(&ctx->rcu);
     /* seq_cst, as the index: the grace-period argument (rcu.h) needs the
@@ -1754,10 +2564,11 @@ ctx_link_broker(bus_sub *s, bus_broker *b, const char *route)
     l->broker = b;
     atomic_init(&l->gone, false);
     atomic_init(&l->pending, 0);
+    ctx_link_metrics(s->ctx, l);
     rv = bus__broker_subscribe(b, s->pattern, s->group, ctx_deliver, l,
                                &l->handle);
     if (rv != BUS_OK) {
-        bus__free(l, sizeof(*l));
+        ctx_link_free(l);
         return rv;
     }
     l->next = s->links;
@@ -1775,7 +2586,7 @@ ctx_unlink_list(ctx_link *l)
     for (; l != NULL; l = next) {
         next = l->next;
         bus__broker_unsubscribe(l->broker, l->handle);
-        bus__free(l, sizeof(*l));
+        ctx_link_free(l);
     }
 }
 
@@ -1828,8 +2639,10 @@ bus_ctx_attach(bus_ctx *ctx, bus_broker *b, const char *route)
     for (i = 0; i < n; i++)
         nr->r[i] = old->r[i]; /* patterns are shared, owned by the route */
     nr->r[n].broker = b;
+    nr->r[n].bm = ctx_bmetrics_new(ctx, b);
     nr->r[n].pattern = bus__strdup(route, &nr->r[n].pattern_size);
     if (nr->r[n].pattern == NULL) {
+        ctx_bmetrics_free(nr->r[n].bm);
         bus__free(nr, nsize);
         bus__mutex_unlock(&ctx->wmtx);
         return BUS_ENOMEM;
@@ -1847,13 +2660,14 @@ bus_ctx_attach(bus_ctx *ctx, bus_broker *b, const char *route)
                 if (l->broker == b) {
                     *pl = l->next;
                     bus__broker_unsubscribe(b, l->handle);
-                    bus__free(l, sizeof(*l));
+                    ctx_link_free(l);
                 } else {
                     pl = &l->next;
                 }
             }
         }
         bus__free(nr->r[n].pattern, nr->r[n].pattern_size);
+        ctx_bmetrics_free(nr->r[n].bm);
         bus__free(nr, nsize);
         bus__mutex_unlock(&ctx->wmtx);
         return rv;
@@ -1908,6 +2722,7 @@ bus_ctx_detach(bus_ctx *ctx, bus_broker *b)
     }
     ctx->retired->pattern = old->r[found].pattern;
     ctx->retired->pattern_size = old->r[found].pattern_size;
+    ctx->retired->bm = old->r[found].bm;
     atomic_store_explicit(&ctx->routes, nr, memory_order_seq_cst);
     ctx->routes_size = nsize;
     /* The links to b, of live and of unsubscribed subscriptions, are
@@ -1943,6 +2758,10 @@ bus_ctx_detach(bus_ctx *ctx, bus_broker *b)
         ctx_reclaim(ctx, true);
         if (bus__rcu_in_section(&ctx->rcu))
             break;
+        /* Parked retries of b's deliveries hold their links. */
+        ctx_redo_drop_list(
+            ctx, bus__twheel_remove_if(&ctx->wheel, ctx_redo_of_broker, b),
+            false);
         bus__mutex_lock(&ctx->wmtx);
         for (l = ctx->retired_links; l != NULL && !left; l = l->next)
             left = l->broker == b;

@@ -11,6 +11,7 @@
 
 #include "alloc.h"
 #include "lru.h"
+#include "pipeline.h"
 
 struct bus_dedup {
     bus__lru lru;
@@ -88,7 +89,21 @@ dedup_key(const bus_uuid *id, uint64_t *k0, uint64_t *k1)
 bool
 bus_dedup_seen(bus_dedup *dd, const bus_uuid *id)
 {
-    uint64_t k0, k1, now = bus_clock_now(&dd->cfg.clock);
+    return bus__dedup_seen_at(dd, id, 0);
+}
+
+static uint64_t
+dedup_now(const bus_dedup *dd, uint64_t mono_now)
+{
+    return mono_now != 0 && bus__clock_is_mono(&dd->cfg.clock)
+             ? mono_now
+             : bus_clock_now(&dd->cfg.clock);
+}
+
+bool
+bus__dedup_seen_at(bus_dedup *dd, const bus_uuid *id, uint64_t mono_now)
+{
+    uint64_t k0, k1, now = dedup_now(dd, mono_now);
     bus__lru_shard *s;
     bus__lru_node *n;
     bool hit = false;
@@ -121,7 +136,13 @@ bus_dedup_seen(bus_dedup *dd, const bus_uuid *id)
 int
 bus_dedup_mark(bus_dedup *dd, const bus_uuid *id)
 {
-    uint64_t k0, k1, now = bus_clock_now(&dd->cfg.clock);
+    return bus__dedup_mark_at(dd, id, 0);
+}
+
+int
+bus__dedup_mark_at(bus_dedup *dd, const bus_uuid *id, uint64_t mono_now)
+{
+    uint64_t k0, k1, now = dedup_now(dd, mono_now);
     bus__lru_shard *s;
     bus__lru_node *n;
     int rv = BUS_OK;

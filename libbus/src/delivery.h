@@ -23,6 +23,11 @@ struct bus_delivery {
     uint32_t retries;        /* in-place retries during this delivery */
     uint64_t first_fail_ns;  /* policy clock; 0: no failure yet */
     int64_t first_fail_wall; /* ns since the epoch, for DLQ headers */
+    /* One clock read per delivery (pipeline.h): CLOCK_MONOTONIC when the
+     * attempt started (stamped by the dispatcher; 0: not stamped) and
+     * after the handler (left by the first middleware that read it). */
+    uint64_t now_ns;
+    uint64_t end_ns;
 };
 
 /* Prepares d for one call: clears the error. */
@@ -43,6 +48,8 @@ bus__delivery_init(bus_delivery *d, bus_event *ev, const char *topic,
     d->retries = 0;
     d->first_fail_ns = 0;
     d->first_fail_wall = 0;
+    d->now_ns = 0;
+    d->end_ns = 0;
 }
 
 #endif

@@ -27,6 +27,7 @@
 
 #include "alloc.h"
 #include "delivery.h"
+#include "pipeline.h"
 #include "platform.h"
 
 struct bus_chain {
@@ -136,6 +137,13 @@ size_t
 bus_chain_len(const bus_chain *c)
 {
     return c ? c->n : 0;
+}
+
+const bus_middleware *
+bus__chain_items(const bus_chain *c, size_t *n)
+{
+    *n = c ? c->n : 0;
+    return c ? c->v : NULL;
 }
 
 int
@@ -256,13 +264,15 @@ policy_fn(bus_delivery *d, const bus_next *next, void *state)
             r = s->p.classify(s->p.classify_opaque, r, d->err_code);
         if (r == BUS_ACK) {
             if (b != NULL)
-                bus_breaker_record(b, true);
+                bus__breaker_record_at(b, true,
+                                       d->end_ns ? d->end_ns : d->now_ns);
             return BUS_ACK;
         }
         if (b != NULL)
-            bus_breaker_record(b, false);
+            bus__breaker_record_at(b, false,
+                                   d->end_ns ? d->end_ns : d->now_ns);
 
-        uint64_t now = bus_clock_now(&s->p.clock);
+        uint64_t now = bus__delivery_end(d, &s->p.clock);
         int64_t wall = bus__clock_real_ns();
         if (d->first_fail_ns == 0) {
             d->first_fail_ns = now;
@@ -286,6 +296,11 @@ policy_fn(bus_delivery *d, const bus_next *next, void *state)
             return BUS_RETRY;
         }
         bus_clock_sleep(&s->p.clock, delay);
+        /* A new attempt: its own start time (the stamp is the
+         * dispatcher's promise of one read per attempt). */
+        if (d->now_ns != 0)
+            d->now_ns = bus__clock_mono_ns();
+        d->end_ns = 0;
         d->attempt++;
         d->retries++;
         d->err_code = 0;
@@ -337,7 +352,7 @@ breaker_fn(bus_delivery *d, const bus_next *next, void *state)
         return BUS_RETRY;
     }
     r = bus_next_call(next, d);
-    bus_breaker_record(b, r == BUS_ACK);
+    bus__breaker_record_at(b, r == BUS_ACK, d->end_ns ? d->end_ns : d->now_ns);
     return r;
 }
 
@@ -385,8 +400,8 @@ rl_fn(bus_delivery *d, const bus_next *next, void *state)
     } else {
         key = "";
     }
-    rv = bus_ratelimit_take(s->c.rl, key, klen, s->c.cost,
-                            s->c.mode == BUS_RL_DELAY, &wait);
+    rv = bus__ratelimit_take_at(s->c.rl, key, klen, s->c.cost,
+                                s->c.mode == BUS_RL_DELAY, &wait, d->now_ns);
     if (rv == BUS_OK) {
         if (wait > 0)
             bus_clock_sleep(&s->c.clock, wait);
@@ -436,13 +451,14 @@ dedup_fn(bus_delivery *d, const bus_next *next, void *state)
     const bus_uuid *id = bus_event_id(d->event);
     bus_result r;
 
-    if (bus_dedup_seen(dd, id)) {
+    if (bus__dedup_seen_at(dd, id, d->now_ns)) {
         d->flags |= BUS_DELIVERY_F_DUPLICATE;
         return BUS_ACK;
     }
     r = bus_next_call(next, d);
     if (r == BUS_ACK)
-        (void)bus_dedup_mark(dd, id); /* a store error is counted there */
+        (void)bus__dedup_mark_at(dd, id, d->end_ns ? d->end_ns : d->now_ns);
+    /* (a store error is counted there) */
     return r;
 }
 
@@ -472,14 +488,14 @@ static bus_result
 deadline_fn(bus_delivery *d, const bus_next *next, void *state)
 {
     mw_deadline *s = state;
-    uint64_t now = bus_clock_now(&s->clock);
+    uint64_t now = bus__delivery_now(d, &s->clock);
     uint64_t saved = d->deadline_ns;
     bus_result r;
 
     if (d->deadline_ns == 0)
         d->deadline_ns = now + s->timeout_ns;
     r = bus_next_call(next, d);
-    now = bus_clock_now(&s->clock);
+    now = bus__delivery_end(d, &s->clock);
     if (now > d->deadline_ns) {
         d->flags |= BUS_DELIVERY_F_OVERRUN;
         bus_counter_inc(s->overruns);
@@ -645,9 +661,9 @@ metrics_fn(bus_delivery *d, const bus_next *next, void *state)
     if (e == NULL)
         return bus_next_call(next, d);
     bus_counter_inc(e->delivered);
-    t0 = bus_metrics_now_ns();
+    t0 = d->now_ns != 0 ? d->now_ns : bus_metrics_now_ns();
     r = bus_next_call(next, d);
-    bus_hist_record(e->latency, bus_metrics_now_ns() - t0);
+    bus_hist_record(e->latency, bus__delivery_end(d, NULL) - t0);
     f = d->flags;
     if (__builtin_expect(f == 0 && d->retries == 0, 1)) {
         if (r == BUS_ACK)

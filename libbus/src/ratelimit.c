@@ -13,6 +13,7 @@
 
 #include "alloc.h"
 #include "lru.h"
+#include "pipeline.h"
 
 struct bus_ratelimit {
     bus__lru lru;
@@ -93,9 +94,19 @@ int
 bus_ratelimit_take(bus_ratelimit *rl, const void *key, size_t len, double cost,
                    bool reserve, uint64_t *wait_ns)
 {
+    return bus__ratelimit_take_at(rl, key, len, cost, reserve, wait_ns, 0);
+}
+
+int
+bus__ratelimit_take_at(bus_ratelimit *rl, const void *key, size_t len,
+                       double cost, bool reserve, uint64_t *wait_ns,
+                       uint64_t mono_now)
+{
     uint64_t h = bus__hash_bytes(key, len);
     bus__lru_shard *s = bus__lru_shard_of(&rl->lru, h);
-    uint64_t now = bus_clock_now(&rl->cfg.clock);
+    uint64_t now = mono_now != 0 && bus__clock_is_mono(&rl->cfg.clock)
+                     ? mono_now
+                     : bus_clock_now(&rl->cfg.clock);
     bus__lru_node *n;
     bool ev;
     double t;

@@ -36,13 +36,15 @@
 
 struct bus_sub;
 struct ctx_link;
+struct ctx_redo;
 
 typedef struct ring_entry {
     bus_event *ev;          /* one reference owned by the entry */
     struct bus_sub *sub;    /* NULL: a no-op entry, skip */
     struct ctx_link *link;  /* broker link for acks, or NULL */
     uint64_t token;         /* broker delivery token */
-    const char *topic;      /* the topic string (see ctx.c for lifetime) */
+    struct ctx_redo *redo;  /* a deferred retry's state, or NULL (the
+                             * topic is the event's: ev->topic) */
 } ring_entry;
 
 typedef struct ring_slot {

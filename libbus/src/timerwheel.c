@@ -128,3 +128,27 @@ bus__twheel_count(bus__twheel *w)
     bus__mutex_unlock(&w->mtx);
     return n;
 }
+
+bus__timer *
+bus__twheel_remove_if(bus__twheel *w, bool (*pred)(bus__timer *t, void *arg),
+                      void *arg)
+{
+    bus__timer *out = NULL, *t;
+
+    bus__mutex_lock(&w->mtx);
+    for (uint32_t i = 0; w->count > 0 && i <= w->mask; i++) {
+        bus__timer **pp = &w->slots[i];
+        while ((t = *pp) != NULL) {
+            if (pred(t, arg)) {
+                *pp = t->next;
+                w->count--;
+                t->next = out;
+                out = t;
+            } else {
+                pp = &t->next;
+            }
+        }
+    }
+    bus__mutex_unlock(&w->mtx);
+    return out;
+}

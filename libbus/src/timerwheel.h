@@ -42,5 +42,11 @@ void bus__twheel_add(bus__twheel *w, bus__timer *t);
  * typical; concurrent ones are safe). */
 size_t bus__twheel_advance(bus__twheel *w, uint64_t now_ns);
 size_t bus__twheel_count(bus__twheel *w);
+/* Removes, without firing, every timer t for which pred(t, arg) is true
+ * and returns them as a list (linked by next). Timers an advance has
+ * already taken out (firing now) are not seen. Thread: any. */
+bus__timer *bus__twheel_remove_if(bus__twheel *w,
+                                  bool (*pred)(bus__timer *t, void *arg),
+                                  void *arg);
 
 #endif

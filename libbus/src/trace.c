@@ -10,9 +10,13 @@
 #include <bus/trace.h>
 
 #include "delivery.h"
+#include "pipeline.h"
 #include "platform.h"
 
-static _Thread_local const bus_delivery *trace_current;
+/* Set by the dispatcher (ctx.c) around every handler call, without a
+ * function call: initial-exec TLS (platform.h). */
+BUS__TLS const bus_delivery *bus__trace_current;
+#define trace_current bus__trace_current
 
 const bus_delivery *
 bus_delivery_current(void)

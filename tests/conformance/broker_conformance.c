@@ -16,6 +16,7 @@
  */
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,11 +113,21 @@ conf_open_peer(bus_broker *first)
 
 /* ---- Fixture: one context with the broker attached --------------------- */
 
+typedef struct pub_loop pub_loop;
+
 typedef struct conf {
     bus_ctx *ctx;
     bus_broker *b;
     conf_profile prof;
+    /* Publisher threads a test started: a failed assertion leaves the
+     * test at once, so the teardown stops and joins them before the
+     * context they publish to is closed. */
+    pub_loop *loop;
+    pthread_t loop_th[2];
+    int loop_n;
 } conf;
+
+static void pub_loop_join(conf *c);
 
 static bus_ctx *
 conf_ctx(uint32_t workers, uint32_t capacity)
@@ -154,9 +165,11 @@ conf_teardown(void **state)
 {
     conf *c = *state;
 
+    pub_loop_join(c);
     if (c->ctx != NULL && bus_ctx_close(c->ctx) != 0)
         return -1;
     bus_broker_close(c->b);
+    free(c->loop); /* after the close: a subscription may count into it */
     free(c);
     return 0;
 }
@@ -585,12 +598,19 @@ watched_handler(bus_delivery *d, void *opaque)
     return BUS_ACK;
 }
 
-typedef struct pub_loop {
+/* Publishers in a loop, at most PUB_AHEAD events ahead of what the
+ * subscription `seen` counts: a medium with bounded retention (Kafka's
+ * log; the mock keeps a few MB per partition) must not be outrun by more
+ * than it keeps, or the consumer's position falls off the log. */
+#define PUB_AHEAD 2048
+
+struct pub_loop {
     bus_ctx *ctx;
+    bt_count seen;
     atomic_int stop;
     _Atomic uint64_t n;
     atomic_int bad_rv;
-} pub_loop;
+};
 
 static void *
 pub_loop_thread(void *arg)
@@ -602,6 +622,9 @@ pub_loop_thread(void *arg)
         char stream[16];
         bus_event *e;
         int rv;
+        while (atomic_load(&p->n) > atomic_load(&p->seen.n) + PUB_AHEAD &&
+               !atomic_load(&p->stop))
+            sched_yield();
         snprintf(stream, sizeof(stream), "k%" PRIu64, i % 5);
         e = bt_event_u64(stream, i);
         rv = bus_publish(p->ctx, "conf.un", e, 0);
@@ -615,6 +638,49 @@ pub_loop_thread(void *arg)
     return NULL;
 }
 
+/* The publishers' state, owned by c (the teardown frees it after closing
+ * the context): p->seen is for the caller's subscription to count into
+ * before pub_loop_run. */
+static pub_loop *
+pub_loop_new(conf *c)
+{
+    pub_loop *p = calloc(1, sizeof(*p));
+
+    assert_non_null(p);
+    p->ctx = c->ctx;
+    c->loop = p;
+    return p;
+}
+
+/* Starts two publisher threads on c->ctx. */
+static void
+pub_loop_run(conf *c)
+{
+    int i;
+
+    for (i = 0; i < 2; i++) {
+        assert_int_equal(
+            pthread_create(&c->loop_th[i], NULL, pub_loop_thread, c->loop),
+            0);
+        c->loop_n++;
+    }
+}
+
+/* Stops and joins the publishers (if running). */
+static void
+pub_loop_join(conf *c)
+{
+    int i;
+
+    if (c->loop == NULL)
+        return;
+    atomic_store(&c->loop->stop, 1);
+    for (i = 0; i < c->loop_n; i++)
+        assert_int_equal(pthread_join(c->loop_th[i], NULL), 0);
+    c->loop_n = 0;
+}
+
+
 static int
 watched_some(void *arg)
 {
@@ -625,18 +691,14 @@ static void
 test_unsubscribe_during_delivery_stops_calls_at_return(void **state)
 {
     conf *c = *state;
-    bt_count keep = {0};
-    pthread_t th[2];
-    pub_loop p;
-    int round, i;
+    pub_loop *p = pub_loop_new(c);
+    bt_count *keep = &p->seen; /* outlives a failed assertion, as p */
+    int round;
 
-    memset(&p, 0, sizeof(p));
-    p.ctx = c->ctx;
     assert_int_equal(
-        bus_subscribe(c->ctx, "conf.un", bt_count_handler, &keep, NULL, NULL),
+        bus_subscribe(c->ctx, "conf.un", bt_count_handler, keep, NULL, NULL),
         BUS_OK);
-    for (i = 0; i < 2; i++)
-        assert_int_equal(pthread_create(&th[i], NULL, pub_loop_thread, &p), 0);
+    pub_loop_run(c);
     for (round = 0; round < 10; round++) {
         bus_sub_config sc =
             bt_sub_cfg(round % 2 ? BUS_DISPATCH_INLINE : BUS_DISPATCH_QUEUED);
@@ -650,14 +712,12 @@ test_unsubscribe_during_delivery_stops_calls_at_return(void **state)
         assert_int_equal(bus_unsubscribe(s), BUS_OK);
         atomic_store(&w->gone, 1);
         /* Let deliveries published before the unsubscribe go by. */
-        assert_true(bt_count_wait(&keep, atomic_load(&keep.n) + 500));
+        assert_true(bt_count_wait(keep, atomic_load(&keep->n) + 500));
         assert_int_equal(atomic_load(&w->late), 0);
         free(w); /* a late call would now be a use after free (ASan) */
     }
-    atomic_store(&p.stop, 1);
-    for (i = 0; i < 2; i++)
-        assert_int_equal(pthread_join(th[i], NULL), 0);
-    assert_int_equal(atomic_load(&p.bad_rv), 0);
+    pub_loop_join(c);
+    assert_int_equal(atomic_load(&p->bad_rv), 0);
 }
 
 /* ---- 10,000 subscriptions

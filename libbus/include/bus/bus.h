@@ -10,6 +10,12 @@
  * worker threads through bounded queues, sharded by an ordering key so
  * that the events of one key are handled in publish order).
  *
+ * Every delivery runs the handler pipeline (docs/pipeline.md): the
+ * context's middleware chain, the subscription's failure policy and chain,
+ * then the handler. An event published from inside a handler inherits
+ * the handled event's correlation id, gets its id as causation id and a
+ * child traceparent (trace.h), with no middleware needed.
+ *
  * Topics are dot-separated ASCII segments ("orders.placed"): each segment
  * non-empty, at most 255 bytes, no spaces or control characters, no '*' or
  * '>'. Patterns may use '*' for exactly one segment and '>' as the last
@@ -27,6 +33,16 @@
 #include <bus/handler.h>
 #include <bus/metrics.h>
 #include <bus/health.h>
+/* The handler pipeline (docs/pipeline.md): middleware chains and the
+ * built-ins, the failure policy, breakers, rate limits, dedup, clocks and
+ * tracing. */
+#include <bus/clock.h>
+#include <bus/breaker.h>
+#include <bus/dedup.h>
+#include <bus/ratelimit.h>
+#include <bus/policy.h>
+#include <bus/middleware.h>
+#include <bus/trace.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -76,6 +92,32 @@ typedef struct bus_ctx_config {
     int32_t close_timeout_ms;  /* drain deadline at close; 5000; -1 none */
     uint32_t topic_cache;      /* topics whose matches are cached; 4096 */
     bus_logger log;            /* default: none */
+    /* ---- The handler pipeline (appended; docs/pipeline.md) ---- */
+    /* Bus-level middlewares, run first for every delivery of every
+     * (non-batch) subscription. Borrowed: must outlive the context and
+     * not change meanwhile. NULL: none. */
+    const bus_chain *chain;
+    /* Registry for the series of docs/metrics.md ("Names the bus uses"):
+     * per topic and subscription, per broker, queue depths. Borrowed:
+     * must outlive the context. NULL: no metrics (and no cost). */
+    bus_metrics *metrics;
+    /* Registry the context registers its checks in ("<name>.workers",
+     * "<name>.queues", "<name>.breakers"; docs/bus.md), deregistered by
+     * bus_ctx_close. Borrowed: must outlive the context. NULL: none. */
+    bus_health *health;
+    /* A queue is saturated when it holds at least saturation_pct percent
+     * of its capacity; "<name>.queues" is unhealthy (readiness) once one
+     * stayed saturated saturated_ms, and "<name>.workers" (liveness) once
+     * a worker with work queued made no progress for saturated_ms.
+     * 90 (1..100) and 5000 (>= 1). */
+    uint32_t saturation_pct;
+    int32_t saturated_ms;
+    /* Clock of the timer wheel that parks deferred retries (policy.h):
+     * give it the same clock as the policies'. Zero: monotonic. */
+    bus_clock clock;
+    /* More breakers for "<name>.breakers" (any not CLOSED: degraded),
+     * besides those of the subscriptions' policies. Borrowed; NULL. */
+    bus_breaker_registry *breakers;
 } bus_ctx_config;
 
 BUS_API void bus_ctx_config_init(bus_ctx_config *cfg);
@@ -125,6 +167,26 @@ typedef struct bus_sub_config {
     uint32_t batch_linger_us;      /* wait this long to fill a batch; 0 */
     const char *group;             /* consumer group given to brokers;
                                     * NULL: each subscription gets all */
+    /* ---- The handler pipeline (appended; docs/pipeline.md) ----
+     * A delivery runs: [metrics] -> the context's chain -> [policy] ->
+     * this chain -> [deadline] -> the handler. Batch subscriptions take
+     * none of these (EINVAL) and skip the context's chain and metrics:
+     * their handler sees many deliveries at once (docs/bus.md). */
+    const bus_chain *chain;        /* borrowed, must outlive the
+                                    * subscription; NULL: none */
+    /* Failure policy (policy.h), copied; NULL: none (a RETRY result is
+     * passed to the broker as a nack, as without a pipeline). The bus
+     * sets its hooks: queued subscriptions defer retries on the
+     * context's timer wheel (mode DEFAULT or DEFERRED), inline ones
+     * retry in place; dead letters are published on this context with
+     * BUS_PUB_NONBLOCK (so through an attached broker whose route
+     * matches); policy->log defaults to the context's logger. */
+    const bus_failure_policy *policy;
+    int32_t deadline_ms;           /* per-attempt handler deadline
+                                    * (bus_delivery_deadline); overruns
+                                    * are counted and logged; 0: none */
+    const char *dlq_topic;         /* overrides policy->dlq_topic ("%s":
+                                    * the topic); copied; NULL: policy's */
 } bus_sub_config;
 
 BUS_API void bus_sub_config_init(bus_sub_config *cfg);
@@ -200,10 +262,14 @@ BUS_API bool bus_topic_matches(const char *pattern, const char *topic);
 /* ---- Statistics ------------------------------------------------------------ */
 
 typedef struct bus_sub_stats {
-    uint64_t delivered; /* handler calls started (batch: events) */
-    uint64_t ok;        /* BUS_ACK results */
-    uint64_t retry;     /* BUS_RETRY results */
-    uint64_t reject;    /* BUS_REJECT results */
+    uint64_t delivered; /* handler calls started (batch: events); each
+                         * redelivery of a deferred retry counts again */
+    uint64_t ok;        /* BUS_ACK results (the pipeline's: a duplicate
+                         * dropped by dedup counts here) */
+    uint64_t retry;     /* BUS_RETRY results: deferred retries, nacks
+                         * (breaker open, rate limited, no policy) */
+    uint64_t reject;    /* BUS_REJECT results: dead-lettered, or failed
+                         * for good with no dead-letter sink */
     uint64_t dropped;   /* queued events released without a call
                          * (unsubscribe, close deadline) */
     uint64_t queued;    /* waiting in queues now (approximate) */

@@ -47,7 +47,7 @@ typedef struct bus_projector bus_projector;
 
 /* The on-disk format this library writes. Opening a store of a newer
  * format fails with BUS_EVERSION. */
-#define BUS_STORE_FORMAT_VERSION 1
+#define BUS_STORE_FORMAT_VERSION 2
 
 /* Expected versions for appends and deletes. Any other value n means "the
  * stream's last version is exactly n" (0: it never had an event). */

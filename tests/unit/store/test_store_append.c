@@ -165,8 +165,7 @@ test_idempotence_across_id_runs_tail_and_stale_ids(void **state)
     st_fix *f = *state;
     bus_store_append_result r_kept[4], r_stale, r;
     bus_event *stale[2], *kept[4], *e, *mix[2];
-    static const char *const kept_stream[4] = {"s-early", "s-late",
-                                               "s-crash"};
+    static const char *const kept_stream[4] = {"s-early", "s-late", "s-crash"};
     uint64_t head;
     char stream[32];
     int i, round, n_kept = 0;
@@ -182,10 +181,9 @@ test_idempotence_across_id_runs_tail_and_stale_ids(void **state)
     }
     kept[n_kept] = append_one(f->s, "s-late", &r_kept[n_kept]);
     n_kept++;
-    assert_int_equal(
-        bus_store_append(f->s, "s-stale", BUS_STORE_NO_STREAM, stale, 2,
-                         &r_stale),
-        BUS_OK);
+    assert_int_equal(bus_store_append(f->s, "s-stale", BUS_STORE_NO_STREAM,
+                                      stale, 2, &r_stale),
+                     BUS_OK);
     for (round = 0; round < 3; round++) {
         head = bus_store_head(f->s);
         /* In a run, in the tail, and stale ('e' records). */
@@ -197,12 +195,12 @@ test_idempotence_across_id_runs_tail_and_stale_ids(void **state)
         assert_true(r.duplicate);
         assert_int_equal(r.first_position, r_stale.first_position);
         /* Elsewhere, or mixed with a new id: refused. */
-        assert_int_equal(bus_store_append(f->s, "other", BUS_STORE_ANY,
-                                          &kept[0], 1, &r),
-                         BUS_EEXIST);
-        assert_int_equal(bus_store_append(f->s, "other", BUS_STORE_ANY,
-                                          &stale[1], 1, &r),
-                         BUS_EEXIST);
+        assert_int_equal(
+            bus_store_append(f->s, "other", BUS_STORE_ANY, &kept[0], 1, &r),
+            BUS_EEXIST);
+        assert_int_equal(
+            bus_store_append(f->s, "other", BUS_STORE_ANY, &stale[1], 1, &r),
+            BUS_EEXIST);
         e = st_ev("t", "new");
         mix[0] = kept[1];
         mix[1] = e;

@@ -199,9 +199,9 @@ op_retry_old(bus_store *s, model *m, uint64_t *rng)
     for (i = 0; i < h->n; i++)
         if (!m->log[h->first_position + i - 1].present)
             return;
-    assert_int_equal(bus_store_append(s, names[h->stream], BUS_STORE_ANY,
-                                      h->ev, h->n, &r),
-                     BUS_OK);
+    assert_int_equal(
+        bus_store_append(s, names[h->stream], BUS_STORE_ANY, h->ev, h->n, &r),
+        BUS_OK);
     assert_true(r.duplicate);
     assert_int_equal(r.first_position, h->first_position);
     assert_int_equal(r.first_version, h->first_version);
@@ -636,8 +636,7 @@ test_store_matches_model(void **state)
         else if (r < 34) {
             op_retry(f->s, m, &la);
             op_retry_old(f->s, m, &rng);
-        }
-        else if (r < 40)
+        } else if (r < 40)
             op_multi(f->s, m, &rng);
         else if (r < 58)
             op_read_stream(f->s, m, &rng);

@@ -222,6 +222,26 @@ test_bad_format_record_is_corrupt(void **state)
     free(dir);
 }
 
+/* The id index's watermark (store_impl.h): malformed, or lowered below
+ * events that its runs already hold, is damage, not a store to guess at. */
+static void
+test_id_index_watermark_damage_is_corrupt(void **state)
+{
+    char *dir = bt_mkdtemp("bus-store-open"), err[256];
+    static const uint8_t zero[8];
+    bus_store *s = st_open_dir(dir, BUS_STORE_NONE);
+
+    (void)state;
+    assert_int_equal(st_append_n(s, "a", BUS_STORE_ANY, "t", 3, NULL), BUS_OK);
+    bus_store_close(s); /* the tail goes into a run, the watermark to 3 */
+    raw_put_default(dir, "idx", "xyz", 3, false);
+    assert_int_equal(open_at(dir, false, &s, err, sizeof(err)), BUS_ECORRUPT);
+    raw_put_default(dir, "idx", zero, 8, false);
+    assert_int_equal(open_at(dir, false, &s, err, sizeof(err)), BUS_ECORRUPT);
+    bt_rmtree(dir);
+    free(dir);
+}
+
 static void
 test_damaged_manifest_is_corrupt(void **state)
 {
@@ -370,6 +390,7 @@ main(void)
         cmocka_unit_test(test_newer_format_is_eversion),
         cmocka_unit_test(test_older_format_is_eversion),
         cmocka_unit_test(test_bad_format_record_is_corrupt),
+        cmocka_unit_test(test_id_index_watermark_damage_is_corrupt),
         cmocka_unit_test(test_damaged_manifest_is_corrupt),
         cmocka_unit_test(test_second_open_is_busy),
         cmocka_unit_test(test_bad_config_is_einval),
