@@ -18,9 +18,11 @@ configure: deps
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
-# The quickstart example on the embedded defaults.
+# The main example on the embedded defaults: the in-memory broker and a
+# RocksDB event store under ./data (kept between runs; make clean removes
+# it).
 demo: build
-	cd $(BUILD)/examples/quickstart && ./quickstart
+	$(BUILD)/examples/orders/orders ./data
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) $(CTEST_ARGS)
