@@ -13,6 +13,12 @@
  * middlewares); the production stack over "bare" (a subscription without
  * a pipeline, which the dispatcher calls without stamping), so its figure
  * includes the stamp.
+ *
+ * The metrics middleware times the handler, so its row includes one clock
+ * read after the handler (the end of the latency sample); "clock read
+ * alone" and "metrics recording alone" (its two counters and histogram
+ * sample without the clock) split that figure, for information: the
+ * target is checked on the whole middleware.
  */
 #include <time.h>
 #include <stdio.h>
@@ -58,10 +64,30 @@ run_chain_stamped(const bus_chain *c, bus_event *e, uint64_t n, bool stamp)
     return (double)(bench_now_ns() - t0) / (double)n;
 }
 
+/* Best of ROUNDS rounds of n / ROUNDS deliveries: on a shared VM a single
+ * timed loop picks up whatever the neighbours did during it (a row moved
+ * by +-30 ns from run to run); the best round is the code's own cost.
+ * Baselines are taken the same way, so ours - raw compares like with
+ * like. */
+#define ROUNDS 15
+
+static double
+run_best(const bus_chain *c, bus_event *e, uint64_t n, bool stamp)
+{
+    double best = 0;
+
+    for (int i = 0; i < ROUNDS; i++) {
+        double v = run_chain_stamped(c, e, n / ROUNDS, stamp);
+        if (i == 0 || v < best)
+            best = v;
+    }
+    return best;
+}
+
 static double
 run_chain(const bus_chain *c, bus_event *e, uint64_t n)
 {
-    return run_chain_stamped(c, e, n, true);
+    return run_best(c, e, n, true);
 }
 
 static bus_chain *
@@ -74,15 +100,26 @@ one(bus_middleware *mw)
     return c;
 }
 
+/* ours and its baseline (raw_stamp: stamped bare, else bare) are timed
+ * in alternating rounds, best of ROUNDS each, so that both see the same
+ * neighbours: a baseline taken once at the start drifted from the rows
+ * by more than the targets under load. */
 static void
-row(const char *name, bus_chain *c, bus_event *e, uint64_t n, double raw,
+row(const char *name, bus_chain *c, bus_event *e, uint64_t n, bool raw_stamp,
     double target)
 {
-    double ours;
+    double ours = 0, raw = 0;
     char desc[64];
 
-    run_chain(c, e, n / 10); /* warm up */
-    ours = run_chain(c, e, n);
+    run_chain_stamped(c, e, n / 10, true); /* warm up */
+    for (int i = 0; i < ROUNDS; i++) {
+        double r = run_chain_stamped(NULL, e, n / ROUNDS, raw_stamp);
+        double o = run_chain_stamped(c, e, n / ROUNDS, true);
+        if (i == 0 || r < raw)
+            raw = r;
+        if (i == 0 || o < ours)
+            ours = o;
+    }
     snprintf(desc, sizeof(desc), "<= %.0f ns over bare", target);
     bench_row(name, "ns/event", ours, raw, target > 0 ? desc : NULL,
               target <= 0 || ours - raw <= target);
@@ -118,7 +155,7 @@ main(void)
 
     bench_header("pipeline");
     run_chain_stamped(NULL, e, n / 10, false);
-    bare_raw = run_chain_stamped(NULL, e, n, false);
+    bare_raw = run_best(NULL, e, n, false);
     bench_row_plain("bare handler (no pipeline, no stamp)", "ns/event",
                     bare_raw);
     run_chain(NULL, e, n / 10);
@@ -126,7 +163,7 @@ main(void)
     bench_row_plain("stamped bare (one clock read + call)", "ns/event", raw);
 
     bus_mw_breaker(&mw, b);
-    row("breaker (closed)", one(&mw), e, n, raw, 20);
+    row("breaker (closed)", one(&mw), e, n, true, 20);
     t0 = bench_now_ns();
     for (uint64_t i = 0; i < n; i++) {
         bool ok = bus_breaker_allow(b);
@@ -135,20 +172,48 @@ main(void)
     bench_row_plain("breaker allow() alone", "ns/call",
                     (double)(bench_now_ns() - t0) / (double)n);
     bus_mw_policy(&mw, NULL);
-    row("policy (success path)", one(&mw), e, n, raw, 0);
+    row("policy (success path)", one(&mw), e, n, true, 0);
     bus_mw_metrics(&mw, m, "billing");
-    row("metrics", one(&mw), e, n, raw, 30);
+    row("metrics", one(&mw), e, n, true, 30);
+    t0 = bench_now_ns();
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t v = stamp_ns();
+        BENCH_KEEP(v);
+    }
+    bench_row_plain("clock read alone (CLOCK_MONOTONIC)", "ns/call",
+                    (double)(bench_now_ns() - t0) / (double)n);
+    {
+        bus_label l[2] = {{"topic", "orders.placed"},
+                          {"subscription", "billing"}};
+        bus_counter *c1, *c2;
+        bus_hist *h;
+
+        bus_metrics_counter(m, "bus_deliveries_total", NULL, l, 2, &c1);
+        bus_metrics_counter(m, "bus_deliveries_ok_total", NULL, l, 2, &c2);
+        bus_metrics_hist(m, "bus_handler_latency_seconds", NULL, l, 2, &h);
+        t0 = bench_now_ns();
+        for (uint64_t i = 0; i < n; i++) {
+            bus_counter_inc(c1);
+            bus_hist_record(h, 1000 + (i & 4095));
+            bus_counter_inc(c2);
+        }
+        bench_row_plain("metrics recording alone (2 counters + 1 sample)",
+                        "ns/event", (double)(bench_now_ns() - t0) / (double)n);
+        bus_counter_release(c1);
+        bus_counter_release(c2);
+        bus_hist_release(h);
+    }
     bus_mw_ratelimit_config mrc;
     memset(&mrc, 0, sizeof(mrc));
     mrc.rl = rl;
     bus_mw_ratelimit(&mw, &mrc);
-    row("token bucket (per stream)", one(&mw), e, n, raw, 40);
+    row("token bucket (per stream)", one(&mw), e, n, true, 40);
     bus_mw_dedup(&mw, dd);
-    row("dedup (hit: dropped)", one(&mw), e, n, raw, 0);
+    row("dedup (hit: dropped)", one(&mw), e, n, true, 0);
     bus_mw_tracing(&mw);
-    row("tracing context", one(&mw), e, n, raw, 0);
+    row("tracing context", one(&mw), e, n, true, 0);
     bus_mw_deadline(&mw, 1000, NULL, NULL, NULL);
-    row("deadline", one(&mw), e, n, raw, 0);
+    row("deadline", one(&mw), e, n, true, 0);
 
     bus_stack_config_init(&sc);
     sc.subscription = "billing";
@@ -156,8 +221,7 @@ main(void)
     sc.breaker = b;
     sc.ratelimit = rl;
     bus_stack_production(&c, &sc);
-    row("production stack (no dedup), stamp included", c, e, n, bare_raw,
-        200);
+    row("production stack (no dedup), stamp included", c, e, n, false, 200);
 
     bus_chain_free(NULL);
     bus_dedup_free(dd);

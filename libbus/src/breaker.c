@@ -2,17 +2,32 @@
  * Circuit breaker (breaker.h).
  *
  * Design: the state is an atomic read without a lock on every call, so the
- * CLOSED path of allow() is one relaxed load. Counters are relaxed
- * atomics. The rolling window is BREAKER_BUCKETS buckets of window/10 each,
- * tagged with their epoch (time / bucket width); a bucket from an older
- * epoch is reset by the first recorder that sees it. Two recorders racing
- * on a reset may lose a count: the window is approximate by design (it
- * decides a threshold, it is not a statistic).
+ * CLOSED path of allow() is one acquire load. Recording an outcome on the
+ * CLOSED path does no atomic read-modify-write: the call counters and the
+ * rolling window are sharded per thread (pipeline.h, bus__thread_slot), each
+ * shard written by its owner thread only with relaxed loads and stores, and
+ * summed by whoever needs a total (stats, and the rate rule on a failure).
+ * Threads beyond BREAKER_SHARDS share one more shard with atomic adds.
+ *
+ * The window is BREAKER_BUCKETS buckets of window/10 each per shard, tagged
+ * with their epoch (time / bucket width); the owner resets a bucket from an
+ * older epoch (counts first, then the epoch with release, so a reader that
+ * sees the new epoch with acquire never reads the old counts) and keeps the
+ * time range of its current bucket, so the common case needs no division.
+ * Closing the breaker clears the window by bumping b->gen: a shard whose
+ * gen differs is ignored by readers and cleared by its owner on its next
+ * record. Only the shared shard can lose a count when two threads reset
+ * the same bucket at once (as before the sharding: the window decides a
+ * threshold, it is not a statistic).
+ *
+ * Consecutive failures are one shared counter written only on a failure
+ * (an atomic add) or on the first success after one (a store of 0); a
+ * success otherwise only reads it, so its cache line stays shared.
  *
  * Transitions (CLOSED->OPEN, OPEN->HALF_OPEN, HALF_OPEN->CLOSED/OPEN) and
  * the probe accounting happen under b->mtx and are re-checked there. The
- * state is stored with release after the fields it publishes (opened_at),
- * and read with acquire where those fields are then used.
+ * state is stored with release after the fields it publishes (opened_at,
+ * gen), and read with acquire where those fields are then used.
  *
  * Registry lock order: registry mutex, then a breaker's mutex (snapshot
  * takes only the registry's; stats read atomics).
@@ -29,6 +44,9 @@
 #include "platform.h"
 
 #define BREAKER_BUCKETS 10
+/* Thread slots with a shard of their own; the rest share one more. Each
+ * shard is 4 cache lines, so a breaker is ~4.5 KiB. */
+#define BREAKER_SHARDS 16
 
 typedef struct breaker_bucket {
     _Atomic uint64_t epoch;
@@ -36,11 +54,21 @@ typedef struct breaker_bucket {
     _Atomic uint32_t fails;
 } breaker_bucket;
 
+typedef struct breaker_shard {
+    _Alignas(BUS_CACHELINE) _Atomic uint64_t calls;
+    _Atomic uint64_t failures;
+    _Atomic uint32_t gen; /* window generation of the buckets */
+    /* Owner only (not the shared shard): the current bucket, valid for
+     * times in [cur_lo, cur_hi) while gen is the breaker's. */
+    uint64_t cur_lo, cur_hi, cur_epoch;
+    uint32_t cur_idx; /* cur_epoch % BREAKER_BUCKETS */
+    breaker_bucket buckets[BREAKER_BUCKETS];
+} breaker_shard;
+
 struct bus_breaker {
     _Alignas(BUS_CACHELINE) _Atomic int state;
+    _Atomic uint32_t gen; /* window generation; bumped when it closes */
     _Atomic uint32_t consecutive;
-    _Atomic uint64_t calls;
-    _Atomic uint64_t failures;
     _Atomic uint64_t rejections;
     _Atomic uint64_t opened;
     _Atomic uint64_t opened_at; /* ns, valid when OPEN */
@@ -50,10 +78,11 @@ struct bus_breaker {
     bus_breaker_config cfg;
     uint64_t bucket_ns;
     bool rate_rule;
-    breaker_bucket buckets[BREAKER_BUCKETS];
     char name[128];
     bus_breaker_registry *reg; /* set when owned by a registry */
     bus_breaker *reg_next;
+    void *raw; /* the allocation, over-sized to align the struct */
+    breaker_shard shards[BREAKER_SHARDS + 1]; /* the last one is shared */
 };
 
 struct bus_breaker_registry {
@@ -108,12 +137,18 @@ int
 bus_breaker_new(bus_breaker **out, const bus_breaker_config *cfg)
 {
     bus_breaker *b;
+    void *raw;
 
     *out = NULL;
     if (cfg != NULL && cfg->failure_rate < 0)
         return BUS_EINVAL;
-    if ((b = bus__zalloc(sizeof(*b))) == NULL)
+    /* Cache-line aligned by hand: the shards must not share lines, and
+     * the allocator hooks promise only malloc's alignment. */
+    if ((raw = bus__zalloc(sizeof(*b) + BUS_CACHELINE)) == NULL)
         return BUS_ENOMEM;
+    b = (bus_breaker *)(((uintptr_t)raw + BUS_CACHELINE - 1)
+                        & ~(uintptr_t)(BUS_CACHELINE - 1));
+    b->raw = raw;
     breaker_fill_defaults(&b->cfg, cfg);
     snprintf(b->name, sizeof(b->name), "%s", b->cfg.name);
     b->cfg.name = b->name;
@@ -133,7 +168,7 @@ bus_breaker_free(bus_breaker *b)
     if (b == NULL)
         return;
     bus__mutex_fini(&b->mtx);
-    bus__free(b, sizeof(*b));
+    bus__free(b->raw, sizeof(*b) + BUS_CACHELINE);
 }
 
 const char *
@@ -189,12 +224,9 @@ breaker_set_locked(bus_breaker *b, int to, uint64_t now)
         atomic_fetch_add_explicit(&b->opened, 1, memory_order_relaxed);
     }
     if (to == BUS_BREAKER_CLOSED) {
-        for (size_t i = 0; i < BREAKER_BUCKETS; i++) {
-            atomic_store_explicit(&b->buckets[i].calls, 0,
-                                  memory_order_relaxed);
-            atomic_store_explicit(&b->buckets[i].fails, 0,
-                                  memory_order_relaxed);
-        }
+        /* A new, empty window: shards of older generations are ignored
+         * (and cleared by their owners). */
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_relaxed);
         atomic_store_explicit(&b->consecutive, 0, memory_order_relaxed);
     }
     b->probes_in_flight = 0;
@@ -206,7 +238,9 @@ breaker_set_locked(bus_breaker *b, int to, uint64_t now)
 bool
 bus_breaker_allow(bus_breaker *b)
 {
-    int st = atomic_load_explicit(&b->state, memory_order_relaxed);
+    /* acquire: a plain load on x86 and arm64's ldar; pairs with the
+     * release of a transition. */
+    int st = atomic_load_explicit(&b->state, memory_order_acquire);
     int from = -1;
     bool ok = false;
 
@@ -237,34 +271,127 @@ bus_breaker_allow(bus_breaker *b)
     return ok;
 }
 
-/* Adds the outcome to the window; returns true when the rate rule says
- * open. */
-static bool
-breaker_window_add(bus_breaker *b, bool success, uint64_t now)
+/* The shard this thread writes; *owned: it is the only writer. */
+static inline breaker_shard *
+breaker_shard_get(bus_breaker *b, bool *owned)
 {
-    uint64_t epoch = now / b->bucket_ns;
-    breaker_bucket *bk = &b->buckets[epoch % BREAKER_BUCKETS];
-    uint64_t e = atomic_load_explicit(&bk->epoch, memory_order_relaxed);
-    uint64_t calls = 0, fails = 0;
+    uint32_t k = bus__thread_slot();
 
-    if (e != epoch
-        && atomic_compare_exchange_strong_explicit(
-            &bk->epoch, &e, epoch, memory_order_relaxed,
-            memory_order_relaxed)) {
+    *owned = __builtin_expect(k <= BREAKER_SHARDS, 1);
+    return &b->shards[*owned ? k - 1 : BREAKER_SHARDS];
+}
+
+static inline void
+cell32_add(_Atomic uint32_t *c, bool owned)
+{
+    if (owned)
+        atomic_store_explicit(
+            c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+            memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
+/* Sets bk to epoch with zero counts, unless it is there already. Owner:
+ * counts first, then the epoch with release (readers acquire it). Shared
+ * shard: the CAS elects one resetter; a racing recorder may lose a
+ * count. */
+static inline void
+breaker_bucket_enter(breaker_bucket *bk, uint64_t epoch, bool owned)
+{
+    uint64_t e = atomic_load_explicit(&bk->epoch, memory_order_relaxed);
+
+    if (e == epoch)
+        return;
+    if (owned) {
+        atomic_store_explicit(&bk->calls, 0, memory_order_relaxed);
+        atomic_store_explicit(&bk->fails, 0, memory_order_relaxed);
+        atomic_store_explicit(&bk->epoch, epoch, memory_order_release);
+    } else if (atomic_compare_exchange_strong_explicit(
+                   &bk->epoch, &e, epoch, memory_order_relaxed,
+                   memory_order_relaxed)) {
         atomic_store_explicit(&bk->calls, 0, memory_order_relaxed);
         atomic_store_explicit(&bk->fails, 0, memory_order_relaxed);
     }
-    atomic_fetch_add_explicit(&bk->calls, 1, memory_order_relaxed);
-    if (success)
-        return false;
-    atomic_fetch_add_explicit(&bk->fails, 1, memory_order_relaxed);
+}
+
+/* Brings sh to the breaker's window generation gen: clears its buckets. */
+static void
+breaker_shard_renew(breaker_shard *sh, uint32_t gen, bool owned)
+{
+    uint32_t g = atomic_load_explicit(&sh->gen, memory_order_relaxed);
+
+    if (!owned
+        && !atomic_compare_exchange_strong_explicit(
+            &sh->gen, &g, gen, memory_order_relaxed, memory_order_relaxed))
+        return; /* another thread renewed it */
     for (size_t i = 0; i < BREAKER_BUCKETS; i++) {
-        breaker_bucket *x = &b->buckets[i];
-        uint64_t xe = atomic_load_explicit(&x->epoch, memory_order_relaxed);
-        if (xe + BREAKER_BUCKETS <= epoch || xe > epoch)
-            continue; /* outside the window */
-        calls += atomic_load_explicit(&x->calls, memory_order_relaxed);
-        fails += atomic_load_explicit(&x->fails, memory_order_relaxed);
+        atomic_store_explicit(&sh->buckets[i].calls, 0, memory_order_relaxed);
+        atomic_store_explicit(&sh->buckets[i].fails, 0, memory_order_relaxed);
+        atomic_store_explicit(&sh->buckets[i].epoch, 0, memory_order_relaxed);
+    }
+    if (owned) {
+        sh->cur_hi = 0; /* no current bucket */
+        /* release: the cleared buckets before the gen readers acquire */
+        atomic_store_explicit(&sh->gen, gen, memory_order_release);
+    }
+}
+
+/* Adds the outcome to this thread's shard of the window; returns the
+ * bucket epoch of now. */
+static inline uint64_t
+breaker_window_add(bus_breaker *b, breaker_shard *sh, bool owned,
+                   bool success, uint64_t now, uint32_t gen)
+{
+    breaker_bucket *bk;
+    uint64_t epoch;
+
+    if (__builtin_expect(atomic_load_explicit(&sh->gen, memory_order_relaxed)
+                             != gen,
+                         0))
+        breaker_shard_renew(sh, gen, owned);
+    if (owned && now >= sh->cur_lo && now < sh->cur_hi) {
+        epoch = sh->cur_epoch; /* same bucket as last time: no division */
+        bk = &sh->buckets[sh->cur_idx];
+    } else {
+        epoch = now / b->bucket_ns;
+        bk = &sh->buckets[epoch % BREAKER_BUCKETS];
+        breaker_bucket_enter(bk, epoch, owned);
+        if (owned) {
+            sh->cur_epoch = epoch;
+            sh->cur_idx = (uint32_t)(epoch % BREAKER_BUCKETS);
+            sh->cur_lo = epoch * b->bucket_ns;
+            sh->cur_hi = sh->cur_lo + b->bucket_ns;
+        }
+    }
+    cell32_add(&bk->calls, owned);
+    if (!success)
+        cell32_add(&bk->fails, owned);
+    return epoch;
+}
+
+/* True when the rate rule says open: sums the window over the shards of
+ * generation gen (relaxed: concurrent outcomes may or may not count). */
+static bool
+breaker_window_open(bus_breaker *b, uint64_t epoch, uint32_t gen)
+{
+    uint64_t calls = 0, fails = 0;
+
+    for (size_t s = 0; s <= BREAKER_SHARDS; s++) {
+        breaker_shard *sh = &b->shards[s];
+        /* acquire: a renewed shard's cleared buckets (release) */
+        if (atomic_load_explicit(&sh->gen, memory_order_acquire) != gen)
+            continue;
+        for (size_t i = 0; i < BREAKER_BUCKETS; i++) {
+            breaker_bucket *x = &sh->buckets[i];
+            /* acquire: a bucket's zeroed counts before its new epoch */
+            uint64_t xe = atomic_load_explicit(&x->epoch,
+                                               memory_order_acquire);
+            if (xe + BREAKER_BUCKETS <= epoch || xe > epoch)
+                continue; /* outside the window */
+            calls += atomic_load_explicit(&x->calls, memory_order_relaxed);
+            fails += atomic_load_explicit(&x->fails, memory_order_relaxed);
+        }
     }
     return calls >= b->cfg.min_calls
         && (double)fails >= b->cfg.failure_rate * (double)calls;
@@ -276,27 +403,69 @@ bus_breaker_record(bus_breaker *b, bool success)
     bus__breaker_record_at(b, success, 0);
 }
 
+static void breaker_record_slow(bus_breaker *b, bool success,
+                                uint64_t mono_now, int st);
+
+/* The common case inline: a success on a CLOSED breaker, recorded by a
+ * thread with a shard of its own in the bucket it used last time. Plain
+ * loads and stores only; everything else goes to breaker_record_slow. */
 void
 bus__breaker_record_at(bus_breaker *b, bool success, uint64_t mono_now)
 {
-    int st = atomic_load_explicit(&b->state, memory_order_relaxed);
+    /* acquire: a transition to CLOSED published its new gen */
+    int st = atomic_load_explicit(&b->state, memory_order_acquire);
+    uint32_t k = bus__thread_slot();
+
+    if (__builtin_expect(success && st == BUS_BREAKER_CLOSED
+                             && k <= BREAKER_SHARDS,
+                         1)) {
+        breaker_shard *sh = &b->shards[k - 1];
+        uint64_t now = bus__clock_is_mono(&b->cfg.clock) ? mono_now : 0;
+
+        if (b->rate_rule) {
+            breaker_bucket *bk;
+            if (now == 0 || now < sh->cur_lo || now >= sh->cur_hi
+                || atomic_load_explicit(&sh->gen, memory_order_relaxed)
+                       != atomic_load_explicit(&b->gen, memory_order_relaxed))
+                goto slow;
+            bk = &sh->buckets[sh->cur_idx];
+            cell32_add(&bk->calls, true);
+        }
+        bus__cell_add(&sh->calls, 1, true);
+        /* Written only on the first success after a failure. */
+        if (atomic_load_explicit(&b->consecutive, memory_order_relaxed))
+            atomic_store_explicit(&b->consecutive, 0, memory_order_relaxed);
+        return;
+    }
+slow:
+    breaker_record_slow(b, success, mono_now, st);
+}
+
+static void
+breaker_record_slow(bus_breaker *b, bool success, uint64_t mono_now, int st)
+{
     int from = -1, to = -1;
     uint64_t now = 0;
-    bool open = false;
+    bool open = false, owned;
+    breaker_shard *sh = breaker_shard_get(b, &owned);
 
     if (mono_now != 0 && bus__clock_is_mono(&b->cfg.clock))
         now = mono_now; /* the delivery's stamp: no clock read */
 
-    atomic_fetch_add_explicit(&b->calls, 1, memory_order_relaxed);
+    bus__cell_add(&sh->calls, 1, owned);
     if (!success)
-        atomic_fetch_add_explicit(&b->failures, 1, memory_order_relaxed);
+        bus__cell_add(&sh->failures, 1, owned);
     if (st == BUS_BREAKER_CLOSED) {
+        uint32_t gen = atomic_load_explicit(&b->gen, memory_order_relaxed);
+        uint64_t epoch = 0;
+
         if (b->rate_rule) {
             if (now == 0)
                 now = bus_clock_now(&b->cfg.clock);
-            open = breaker_window_add(b, success, now);
+            epoch = breaker_window_add(b, sh, owned, success, now, gen);
         }
         if (success) {
+            /* Written only on the first success after a failure. */
             if (atomic_load_explicit(&b->consecutive, memory_order_relaxed))
                 atomic_store_explicit(&b->consecutive, 0,
                                       memory_order_relaxed);
@@ -306,6 +475,8 @@ bus__breaker_record_at(bus_breaker *b, bool success, uint64_t mono_now)
                                                memory_order_relaxed) + 1;
         if (c >= b->cfg.failure_threshold)
             open = true;
+        else if (b->rate_rule)
+            open = breaker_window_open(b, epoch, gen);
         if (!open)
             return;
         if (now == 0)
@@ -361,8 +532,12 @@ bus_breaker_stats_get(bus_breaker *b, bus_breaker_stats *st)
 {
     memset(st, 0, sizeof(*st));
     st->state = bus_breaker_state_get(b);
-    st->calls = atomic_load_explicit(&b->calls, memory_order_relaxed);
-    st->failures = atomic_load_explicit(&b->failures, memory_order_relaxed);
+    for (size_t i = 0; i <= BREAKER_SHARDS; i++) {
+        st->calls += atomic_load_explicit(&b->shards[i].calls,
+                                          memory_order_relaxed);
+        st->failures += atomic_load_explicit(&b->shards[i].failures,
+                                             memory_order_relaxed);
+    }
     st->rejections = atomic_load_explicit(&b->rejections,
                                           memory_order_relaxed);
     st->opened = atomic_load_explicit(&b->opened, memory_order_relaxed);

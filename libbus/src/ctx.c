@@ -180,6 +180,7 @@ struct bus_sub {
     bus_breaker *breaker;     /* its policy's, for "<ctx>.breakers" */
     bus_clock pclock;         /* its policy's clock (ctx_defer) */
     bus_gauge *depth;         /* queue depth callback series, or NULL */
+    bus_counter *overruns;    /* deadline overruns (metrics), or NULL */
     int32_t block_timeout_ms; /* -1: forever */
     atomic_bool dead;         /* no new call may start */
     ctx_link *links;          /* brokers; under ctx->wmtx */
@@ -1387,7 +1388,8 @@ static void
 sub_free(bus_sub *s)
 {
     bus_gauge_release(s->depth); /* waits for a snapshot reading it */
-    bus_chain_free(s->outer);
+    bus_chain_free(s->outer); /* before the counter its deadline uses */
+    bus_counter_release(s->overruns);
     bus_chain_free(s->inner);
     bus__free(s->pattern, s->pattern_size);
     bus__free(s->name, s->name_size);
@@ -1634,13 +1636,20 @@ ctx_sub_pipeline(bus_ctx *ctx, bus_sub *s, const bus_sub_config *c)
         }
         if (rv == BUS_OK)
             rv = ctx_chain_copy(s->inner, c->chain);
-        if (rv == BUS_OK && c->deadline_ms > 0)
+        if (rv == BUS_OK && c->deadline_ms > 0) {
+            bus_label l = {"subscription", s->name};
+            if (ctx->cfg.metrics != NULL)
+                (void)bus_metrics_counter(
+                    ctx->cfg.metrics, "bus_handler_overruns_total",
+                    "Handler calls that ran past their deadline.", &l, 1,
+                    &s->overruns); /* none on failure: logged only */
             rv = ctx_chain_add(s->inner,
                                bus_mw_deadline(&mw, c->deadline_ms,
-                                               &ctx->cfg.log, NULL,
+                                               &ctx->cfg.log, s->overruns,
                                                c->policy ? &c->policy->clock
                                                          : NULL),
                                &mw);
+        }
     }
     s->piped = s->outer != NULL || s->inner != NULL;
     return rv;

@@ -2,6 +2,12 @@
  * Idempotent consumer cache (dedup.h) on the sharded LRU (lru.h): the key
  * is the 16-byte event id (mixed for the shard and bucket choice), node.ts
  * the time it was marked. Expired nodes are removed when found.
+ *
+ * Cost: one shard lock (lru.h: an exchange and a release store) per
+ * lookup or mark and no other read-modify-write: the counters are plain
+ * fields of the shard, under its lock, summed by stats_get. Only what
+ * happens outside the lock (the durable store's hits and errors) is
+ * counted with atomics.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -19,8 +25,11 @@ struct bus_dedup {
     bus_dedup_store store;
     bool has_store;
     uint64_t ttl_ns;
-    _Atomic uint64_t lookups, hits, marks, expired, store_errors;
+    _Atomic uint64_t store_hits, store_errors;
 };
+
+/* Per-shard counters (bus__lru_shard.stats), @locks the shard's lock. */
+enum { DD_LOOKUPS, DD_HITS, DD_MARKS, DD_EXPIRED };
 
 void
 bus_dedup_config_init(bus_dedup_config *cfg)
@@ -110,26 +119,28 @@ bus__dedup_seen_at(bus_dedup *dd, const bus_uuid *id, uint64_t mono_now)
 
     dedup_key(id, &k0, &k1);
     s = bus__lru_shard_of(&dd->lru, k0);
-    atomic_fetch_add_explicit(&dd->lookups, 1, memory_order_relaxed);
-    bus__mutex_lock(&s->mtx);
+    bus__lru_lock(s);
+    s->stats[DD_LOOKUPS]++;
     if ((n = bus__lru_find(s, k0, k1)) != NULL) {
-        if (now - n->ts < dd->ttl_ns) {
+        /* now < ts: a stamp older than the mark's (another thread's) */
+        if (now <= n->ts || now - n->ts < dd->ttl_ns) {
             hit = true;
+            s->stats[DD_HITS]++;
         } else {
             bus__lru_remove(s, n);
-            atomic_fetch_add_explicit(&dd->expired, 1, memory_order_relaxed);
+            s->stats[DD_EXPIRED]++;
         }
     }
-    bus__mutex_unlock(&s->mtx);
+    bus__lru_unlock(s);
     if (!hit && dd->has_store) {
         bool seen = false;
         if (dd->store.seen(dd->store.opaque, id, &seen) != BUS_OK)
             atomic_fetch_add_explicit(&dd->store_errors, 1,
                                       memory_order_relaxed);
-        hit = seen;
+        if ((hit = seen))
+            atomic_fetch_add_explicit(&dd->store_hits, 1,
+                                      memory_order_relaxed);
     }
-    if (hit)
-        atomic_fetch_add_explicit(&dd->hits, 1, memory_order_relaxed);
     return hit;
 }
 
@@ -149,12 +160,13 @@ bus__dedup_mark_at(bus_dedup *dd, const bus_uuid *id, uint64_t mono_now)
 
     dedup_key(id, &k0, &k1);
     s = bus__lru_shard_of(&dd->lru, k0);
-    atomic_fetch_add_explicit(&dd->marks, 1, memory_order_relaxed);
-    bus__mutex_lock(&s->mtx);
+    bus__lru_lock(s);
+    s->stats[DD_MARKS]++;
     if ((n = bus__lru_find(s, k0, k1)) == NULL)
         n = bus__lru_insert(s, k0, k1, NULL);
-    n->ts = now;
-    bus__mutex_unlock(&s->mtx);
+    if (now > n->ts)
+        n->ts = now;
+    bus__lru_unlock(s);
     if (dd->has_store
         && (rv = dd->store.mark(dd->store.opaque, id, now)) != BUS_OK)
         atomic_fetch_add_explicit(&dd->store_errors, 1, memory_order_relaxed);
@@ -165,16 +177,18 @@ void
 bus_dedup_stats_get(bus_dedup *dd, bus_dedup_stats *st)
 {
     memset(st, 0, sizeof(*st));
-    st->lookups = atomic_load_explicit(&dd->lookups, memory_order_relaxed);
-    st->hits = atomic_load_explicit(&dd->hits, memory_order_relaxed);
-    st->marks = atomic_load_explicit(&dd->marks, memory_order_relaxed);
-    st->expired = atomic_load_explicit(&dd->expired, memory_order_relaxed);
+    st->hits = atomic_load_explicit(&dd->store_hits, memory_order_relaxed);
     st->store_errors = atomic_load_explicit(&dd->store_errors,
                                             memory_order_relaxed);
     for (uint32_t i = 0; i < dd->lru.nshards; i++) {
-        bus__mutex_lock(&dd->lru.shards[i].mtx);
-        st->evicted += dd->lru.shards[i].evictions;
-        st->size += dd->lru.shards[i].used;
-        bus__mutex_unlock(&dd->lru.shards[i].mtx);
+        bus__lru_shard *s = &dd->lru.shards[i];
+        bus__lru_lock(s);
+        st->lookups += s->stats[DD_LOOKUPS];
+        st->hits += s->stats[DD_HITS];
+        st->marks += s->stats[DD_MARKS];
+        st->expired += s->stats[DD_EXPIRED];
+        st->evicted += s->evictions;
+        st->size += s->used;
+        bus__lru_unlock(s);
     }
 }

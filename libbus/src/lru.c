@@ -10,20 +10,76 @@
 #include "alloc.h"
 #include "lru.h"
 
+/* Word at a time (the byte loop of FNV-1a was a chain of one multiply per
+ * byte: ~7 ns for a stream id). Each 8-byte word is mixed in with a
+ * multiply and a shift; the last, partial word is read as overlapping
+ * loads (the last 8 bytes, or for a key under 8 bytes its first and last
+ * 4, or bytes 0, len/2 and len-1), which cover every byte, and the length
+ * seeds the hash, so two keys of the same length give different words and
+ * two of different lengths different seeds. The murmur3 finaliser then
+ * spreads the bits for the shard and bucket choice. */
+static inline uint64_t
+hash_mix(uint64_t h, uint64_t w)
+{
+    h = (h ^ w) * 0xff51afd7ed558ccdu;
+    return h ^ (h >> 29);
+}
+
 uint64_t
 bus__hash_bytes(const void *p, size_t len)
 {
     const unsigned char *s = p;
-    uint64_t h = 0xcbf29ce484222325u;
+    uint64_t h = 0xcbf29ce484222325u ^ ((uint64_t)len * 0x9e3779b97f4a7c15u);
+    uint64_t w;
+    uint32_t a, b;
+    size_t n = len;
 
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ s[i]) * 0x100000001b3u;
+    for (; n > 8; s += 8, n -= 8) {
+        memcpy(&w, s, 8);
+        h = hash_mix(h, w);
+    }
+    if (len >= 8) {
+        memcpy(&w, s + n - 8, 8); /* the last 8 bytes of the key */
+        h = hash_mix(h, w);
+    } else if (len >= 4) {
+        memcpy(&a, s, 4);
+        memcpy(&b, s + len - 4, 4);
+        h = hash_mix(h, (uint64_t)a | (uint64_t)b << 32);
+    } else if (len > 0) {
+        h = hash_mix(h, (uint64_t)s[0] | (uint64_t)s[len / 2] << 8
+                            | (uint64_t)s[len - 1] << 16);
+    }
     h ^= h >> 33;
     h *= 0xff51afd7ed558ccdu;
     h ^= h >> 33;
     h *= 0xc4ceb9fe1a85ec53u;
     h ^= h >> 33;
     return h;
+}
+
+uint64_t
+bus__hash_str(const char *s, size_t *len)
+{
+    size_t n = strlen(s);
+
+    if (len != NULL)
+        *len = n;
+    return bus__hash_bytes(s, n);
+}
+
+void
+bus__lru_lock_slow(bus__lru_shard *s)
+{
+    for (unsigned spins = 0;; spins++) {
+        /* Wait with plain loads (no line ping-pong), then try again. */
+        if (!atomic_load_explicit(&s->lock, memory_order_relaxed)
+            && !atomic_exchange_explicit(&s->lock, 1, memory_order_acquire))
+            return;
+        if (spins < BUS__LRU_SPINS)
+            bus__cpu_relax();
+        else
+            bus__thread_yield();
+    }
 }
 
 static uint32_t
@@ -43,15 +99,21 @@ bus__lru_init(bus__lru *l, uint32_t capacity, uint32_t nshards)
     nshards = lru_pow2(nshards ? nshards : 1);
     if (capacity < nshards)
         capacity = nshards;
-    if ((l->shards = bus__zalloc(nshards * sizeof(*l->shards))) == NULL)
+    /* Aligned by hand: a shard's lock and list heads on lines of their own
+     * (the allocator hooks promise only malloc's alignment). */
+    if ((l->shards_raw = bus__zalloc((nshards + 1) * sizeof(*l->shards)))
+        == NULL)
         return BUS_ENOMEM;
+    l->shards = (bus__lru_shard *)(((uintptr_t)l->shards_raw
+                                    + BUS_CACHELINE - 1)
+                                   & ~(uintptr_t)(BUS_CACHELINE - 1));
     l->nshards = nshards;
     for (uint32_t i = 0; i < nshards; i++) {
         bus__lru_shard *s = &l->shards[i];
         uint32_t cap = (capacity + nshards - 1) / nshards;
         uint32_t nb = lru_pow2(cap);
 
-        bus__mutex_init(&s->mtx);
+        atomic_init(&s->lock, 0);
         s->cap = cap;
         s->bmask = nb - 1;
         s->head = s->tail = BUS__LRU_NIL;
@@ -72,7 +134,7 @@ bus__lru_init(bus__lru *l, uint32_t capacity, uint32_t nshards)
 void
 bus__lru_fini(bus__lru *l)
 {
-    if (l->shards == NULL)
+    if (l->shards_raw == NULL)
         return;
     for (uint32_t i = 0; i < l->nshards; i++) {
         bus__lru_shard *s = &l->shards[i];
@@ -80,9 +142,8 @@ bus__lru_fini(bus__lru *l)
             bus__free(s->nodes, (size_t)s->cap * sizeof(*s->nodes));
         if (s->buckets != NULL)
             bus__free(s->buckets, ((size_t)s->bmask + 1) * sizeof(*s->buckets));
-        bus__mutex_fini(&s->mtx);
     }
-    bus__free(l->shards, l->nshards * sizeof(*l->shards));
+    bus__free(l->shards_raw, (l->nshards + 1) * sizeof(*l->shards));
     l->shards = NULL;
 }
 
@@ -178,21 +239,15 @@ bus__lru_insert(bus__lru_shard *s, uint64_t k0, uint64_t k1, bool *evicted)
     return n;
 }
 
-bus__lru_node *
-bus__lru_oldest(bus__lru_shard *s)
-{
-    return s->tail == BUS__LRU_NIL ? NULL : &s->nodes[s->tail];
-}
-
 size_t
 bus__lru_size(bus__lru *l)
 {
     size_t n = 0;
 
     for (uint32_t i = 0; i < l->nshards; i++) {
-        bus__mutex_lock(&l->shards[i].mtx);
+        bus__lru_lock(&l->shards[i]);
         n += l->shards[i].used;
-        bus__mutex_unlock(&l->shards[i].mtx);
+        bus__lru_unlock(&l->shards[i]);
     }
     return n;
 }

@@ -56,6 +56,7 @@
 #include <bus/metrics.h>
 
 #include "alloc.h"
+#include "pipeline.h"
 #include "platform.h"
 
 #define METRICS_NAME_MAX 200   /* bytes in a metric or label name */
@@ -192,8 +193,11 @@ struct bus_metrics {
 #define METRICS_TLS_MODEL
 #endif
 
-/* 0: not claimed yet; slot + 1; or METRICS_NO_SLOT. */
-static _Thread_local uint32_t metrics_tls_slot METRICS_TLS_MODEL;
+/* 0: not claimed yet; slot + 1; or METRICS_NO_SLOT. Shared with the
+ * pipeline's per-thread shards (pipeline.h: bus__thread_slot), so a thread
+ * holds one slot for every sharded object in the process. */
+BUS__TLS uint32_t bus__thread_slot_tls;
+#define metrics_tls_slot bus__thread_slot_tls
 static _Atomic uint64_t metrics_slot_map[METRICS_SLOTS / 64];
 static tss_t metrics_slot_key;
 /* 0: key not made; 1: being made; 2: made; 3: tss_create failed (then no
@@ -281,6 +285,12 @@ metrics_slot(void)
     if (__builtin_expect(k == 0, 0))
         k = metrics_slot_claim();
     return k;
+}
+
+uint32_t
+bus__thread_slot_claim(void)
+{
+    return metrics_slot_claim();
 }
 
 /* Adds n to *cell: owned (only this thread writes it) with a plain load
@@ -1170,6 +1180,14 @@ bus_hist_release(bus_hist *h)
 void
 bus_counter_add(bus_counter *c, uint64_t n)
 {
+    bus__counter_add(c, n);
+}
+
+/* The body of bus_counter_add, for libbus's own hot paths: a direct call
+ * (the public symbol is reached through the PLT from other files). */
+void
+bus__counter_add(bus_counter *c, uint64_t n)
+{
     uint32_t k;
     bool owned;
 
@@ -1286,6 +1304,12 @@ bus_gauge_add_double(bus_gauge *g, double delta)
 
 void
 bus_hist_record(bus_hist *h, uint64_t ns)
+{
+    bus__hist_record(h, ns);
+}
+
+void
+bus__hist_record(bus_hist *h, uint64_t ns)
 {
     hist_shard *sh;
     uint32_t i, k, split;

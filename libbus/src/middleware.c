@@ -27,6 +27,7 @@
 
 #include "alloc.h"
 #include "delivery.h"
+#include "lru.h"
 #include "pipeline.h"
 #include "platform.h"
 
@@ -57,15 +58,19 @@ bus_delivery_retries(const bus_delivery *d)
 bus_result
 bus_next_call(const bus_next *n, bus_delivery *d)
 {
-    bus_next nn = *n;
+    bus_next nn;
     const bus_middleware *m;
 
-    if (nn.cur == nn.end) {
-        if (nn.inner == nn.inner_end)
-            return nn.fn(d, nn.opaque);
-        nn.cur = nn.inner;
-        nn.end = nn.inner_end;
+    if (n->cur == n->end) {
+        if (n->inner == n->inner_end)
+            return n->fn(d, n->opaque); /* the handler: nothing to copy */
+        nn.cur = n->inner;
+        nn.end = n->inner_end;
         nn.inner = nn.inner_end = NULL;
+        nn.fn = n->fn;
+        nn.opaque = n->opaque;
+    } else {
+        nn = *n;
     }
     m = nn.cur++;
     return m->fn(d, &nn, m->state);
@@ -76,16 +81,26 @@ bus_chain_run(const bus_chain *outer, const bus_chain *inner, bus_delivery *d,
               bus_handler_fn fn, void *opaque)
 {
     bus_next n;
+    const bus_middleware *m;
+    bool has_inner = inner != NULL && inner->n != 0;
 
-    if ((outer == NULL || outer->n == 0) && (inner == NULL || inner->n == 0))
+    /* Calls the first middleware itself (one bus_next_call less). */
+    if (outer != NULL && outer->n != 0) {
+        n.cur = outer->v;
+        n.end = outer->v + outer->n;
+        n.inner = has_inner ? inner->v : NULL;
+        n.inner_end = has_inner ? inner->v + inner->n : NULL;
+    } else if (has_inner) {
+        n.cur = inner->v;
+        n.end = inner->v + inner->n;
+        n.inner = n.inner_end = NULL;
+    } else {
         return fn(d, opaque);
-    n.cur = outer ? outer->v : NULL;
-    n.end = outer ? outer->v + outer->n : NULL;
-    n.inner = inner ? inner->v : NULL;
-    n.inner_end = inner ? inner->v + inner->n : NULL;
+    }
     n.fn = fn;
     n.opaque = opaque;
-    return bus_next_call(&n, d);
+    m = n.cur++;
+    return m->fn(d, &n, m->state);
 }
 
 int
@@ -376,31 +391,35 @@ typedef struct mw_rl {
 } mw_rl;
 MW_FREE_FN(mw_rl)
 
+/* The key_fn case out of line: its buffer would otherwise put a stack
+ * protector check on every call of rl_fn. */
+static __attribute__((noinline)) uint64_t
+rl_key_fn_hash(const mw_rl *s, const bus_delivery *d)
+{
+    char kb[256];
+    size_t klen = s->c.key_fn(d, s->c.key_opaque, kb, sizeof(kb));
+
+    return bus__hash_bytes(kb, klen > sizeof(kb) ? sizeof(kb) : klen);
+}
+
 static bus_result
 rl_fn(bus_delivery *d, const bus_next *next, void *state)
 {
     mw_rl *s = state;
-    char kb[256];
-    const char *key = "";
-    size_t klen = 0;
-    uint64_t wait = 0;
+    const char *key;
+    uint64_t h, wait = 0;
     int rv;
 
     if (s->c.key_fn != NULL) {
-        klen = s->c.key_fn(d, s->c.key_opaque, kb, sizeof(kb));
-        key = kb;
-        if (klen > sizeof(kb))
-            klen = sizeof(kb);
-    } else if (s->c.header != NULL) {
-        if ((key = bus_event_header(d->event, s->c.header)) == NULL)
-            key = "";
-        klen = strlen(key);
-    } else if ((key = bus_event_stream(d->event)) != NULL) {
-        klen = strlen(key);
+        h = rl_key_fn_hash(s, d);
     } else {
-        key = "";
+        if (s->c.header != NULL)
+            key = bus_event_header(d->event, s->c.header);
+        else
+            key = bus_event_stream(d->event);
+        h = bus__hash_str(key != NULL ? key : "", NULL);
     }
-    rv = bus__ratelimit_take_at(s->c.rl, key, klen, s->c.cost,
+    rv = bus__ratelimit_take_at(s->c.rl, h, s->c.cost,
                                 s->c.mode == BUS_RL_DELAY, &wait, d->now_ns);
     if (rv == BUS_OK) {
         if (wait > 0)
@@ -660,14 +679,18 @@ metrics_fn(bus_delivery *d, const bus_next *next, void *state)
 
     if (e == NULL)
         return bus_next_call(next, d);
-    bus_counter_inc(e->delivered);
-    t0 = d->now_ns != 0 ? d->now_ns : bus_metrics_now_ns();
+    bus__counter_add(e->delivered, 1);
+    t0 = d->now_ns != 0 ? d->now_ns : bus__clock_mono_ns();
     r = bus_next_call(next, d);
-    bus_hist_record(e->latency, bus__delivery_end(d, NULL) - t0);
+    /* The one clock read after the handler (unless an inner middleware
+     * left it in d->end_ns): the latency histogram needs the real end
+     * time; a coarse clock (4 ms steps) or the next delivery's stamp
+     * (which includes the worker's idle time) would not be a latency. */
+    bus__hist_record(e->latency, bus__delivery_end(d, NULL) - t0);
     f = d->flags;
     if (__builtin_expect(f == 0 && d->retries == 0, 1)) {
         if (r == BUS_ACK)
-            bus_counter_inc(e->ok);
+            bus__counter_add(e->ok, 1);
         return r;
     }
     if (r == BUS_ACK && !(f & BUS_DELIVERY_F_DUPLICATE))
@@ -715,12 +738,15 @@ bus_mw_metrics(bus_middleware *mw, bus_metrics *m, const char *subscription)
 static bus_result
 tracing_fn(bus_delivery *d, const bus_next *next, void *state)
 {
-    const bus_delivery *prev = bus_delivery_current_set(d);
+    /* The thread-local itself (trace.c), not bus_delivery_current_set:
+     * two calls through the PLT saved per delivery. */
+    const bus_delivery *prev = bus__trace_current;
     bus_result r;
 
     (void)state;
+    bus__trace_current = d;
     r = bus_next_call(next, d);
-    bus_delivery_current_set(prev);
+    bus__trace_current = prev;
     return r;
 }
 

@@ -14,9 +14,12 @@
 #ifndef BUS_PIPELINE_H
 #define BUS_PIPELINE_H
 
+#include <stdatomic.h>
+
 #include <bus/breaker.h>
 #include <bus/clock.h>
 #include <bus/dedup.h>
+#include <bus/metrics.h>
 #include <bus/middleware.h>
 #include <bus/ratelimit.h>
 
@@ -59,12 +62,53 @@ extern BUS__TLS const bus_delivery *bus__trace_current;
 /* As the public calls, with mono_now (CLOCK_MONOTONIC, 0: unknown) used
  * in place of a clock read when the object's clock is the default. */
 void bus__breaker_record_at(bus_breaker *b, bool success, uint64_t mono_now);
-int bus__ratelimit_take_at(bus_ratelimit *rl, const void *key, size_t len,
-                           double cost, bool reserve, uint64_t *wait_ns,
-                           uint64_t mono_now);
+/* key_hash: bus__hash_bytes of the key (lru.h). */
+int bus__ratelimit_take_at(bus_ratelimit *rl, uint64_t key_hash, double cost,
+                           bool reserve, uint64_t *wait_ns, uint64_t mono_now);
 bool bus__dedup_seen_at(bus_dedup *dd, const bus_uuid *id,
                         uint64_t mono_now);
 int bus__dedup_mark_at(bus_dedup *dd, const bus_uuid *id, uint64_t mono_now);
+
+/* ---- Per-thread shards ---------------------------------------------------
+ *
+ * A thread that records into a sharded object (metrics cells, breaker
+ * counters) holds one process-wide slot (metrics.c), claimed on its first
+ * record and freed when it exits: slot k (1-based) owns shard k - 1 of
+ * every object that has at least k shards and updates it with relaxed
+ * loads and stores, no read-modify-write; a thread with a higher slot (or
+ * UINT32_MAX: none left) uses the object's shared shard, with atomic
+ * read-modify-writes. A slot passes to a new thread through a release on
+ * free and an acquire on claim, so the new owner continues from the old
+ * one's last stores. */
+extern BUS__TLS uint32_t bus__thread_slot_tls;
+uint32_t bus__thread_slot_claim(void);
+
+static inline uint32_t
+bus__thread_slot(void)
+{
+    uint32_t k = bus__thread_slot_tls;
+
+    if (__builtin_expect(k == 0, 0))
+        k = bus__thread_slot_claim();
+    return k;
+}
+
+/* Adds n to a cell owned by this thread (owned) or shared (atomic add).
+ * Relaxed: counters order nothing. */
+static inline void
+bus__cell_add(_Atomic uint64_t *cell, uint64_t n, bool owned)
+{
+    if (owned)
+        atomic_store_explicit(
+            cell, atomic_load_explicit(cell, memory_order_relaxed) + n,
+            memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(cell, n, memory_order_relaxed);
+}
+
+/* bus_counter_add and bus_hist_record without the PLT (metrics.c). */
+void bus__counter_add(bus_counter *c, uint64_t n);
+void bus__hist_record(bus_hist *h, uint64_t ns);
 
 /* A chain's middlewares (n of them), for the dispatcher, which composes
  * the per-subscription chain it runs. */

@@ -4,6 +4,10 @@
  * Refill is computed lazily at each access: tokens += elapsed * rate,
  * capped at capacity. Each call also evicts at most one idle bucket from
  * its shard's LRU end, so idle eviction costs O(1) per call.
+ *
+ * Cost: one shard lock (an exchange and a release store, lru.h) per take
+ * and no other read-modify-write: the allowed/limited/evicted counts are
+ * plain fields of the shard, under its lock, summed by stats_get.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -20,8 +24,10 @@ struct bus_ratelimit {
     bus_ratelimit_config cfg;
     double per_ns; /* tokens per ns */
     uint64_t idle_ns;
-    _Atomic uint64_t allowed, limited, evicted;
 };
+
+/* Per-shard counters (bus__lru_shard.stats), @locks the shard's lock. */
+enum { RL_ALLOWED, RL_LIMITED, RL_EVICTED };
 
 void
 bus_ratelimit_config_init(bus_ratelimit_config *cfg)
@@ -70,22 +76,24 @@ bus_ratelimit_free(bus_ratelimit *rl)
     bus__free(rl, sizeof(*rl));
 }
 
-/* @locks s->mtx held. */
+/* @locks s->lock held. */
 static void
 rl_evict_idle(bus_ratelimit *rl, bus__lru_shard *s, uint64_t now)
 {
     bus__lru_node *old = bus__lru_oldest(s);
 
-    if (old != NULL && now - old->ts > rl->idle_ns) {
+    /* now < ts: a caller with an older stamp than the last one; not idle */
+    if (old != NULL && now > old->ts && now - old->ts > rl->idle_ns) {
         bus__lru_remove(s, old);
-        atomic_fetch_add_explicit(&rl->evicted, 1, memory_order_relaxed);
+        s->stats[RL_EVICTED]++;
     }
 }
 
 static inline double
 rl_refill(const bus_ratelimit *rl, const bus__lru_node *n, uint64_t now)
 {
-    double t = n->d + (double)(now - n->ts) * rl->per_ns;
+    double t = now > n->ts ? n->d + (double)(now - n->ts) * rl->per_ns
+                           : n->d;
 
     return t > rl->cfg.capacity ? rl->cfg.capacity : t;
 }
@@ -94,15 +102,14 @@ int
 bus_ratelimit_take(bus_ratelimit *rl, const void *key, size_t len, double cost,
                    bool reserve, uint64_t *wait_ns)
 {
-    return bus__ratelimit_take_at(rl, key, len, cost, reserve, wait_ns, 0);
+    return bus__ratelimit_take_at(rl, bus__hash_bytes(key, len), cost,
+                                  reserve, wait_ns, 0);
 }
 
 int
-bus__ratelimit_take_at(bus_ratelimit *rl, const void *key, size_t len,
-                       double cost, bool reserve, uint64_t *wait_ns,
-                       uint64_t mono_now)
+bus__ratelimit_take_at(bus_ratelimit *rl, uint64_t h, double cost,
+                       bool reserve, uint64_t *wait_ns, uint64_t mono_now)
 {
-    uint64_t h = bus__hash_bytes(key, len);
     bus__lru_shard *s = bus__lru_shard_of(&rl->lru, h);
     uint64_t now = mono_now != 0 && bus__clock_is_mono(&rl->cfg.clock)
                      ? mono_now
@@ -115,17 +122,20 @@ bus__ratelimit_take_at(bus_ratelimit *rl, const void *key, size_t len,
 
     if (cost > rl->cfg.capacity)
         return BUS_EINVAL;
-    bus__mutex_lock(&s->mtx);
+    bus__lru_lock(s);
     rl_evict_idle(rl, s, now);
     if ((n = bus__lru_find(s, h, 0)) == NULL) {
         n = bus__lru_insert(s, h, 0, &ev);
         if (ev)
-            atomic_fetch_add_explicit(&rl->evicted, 1, memory_order_relaxed);
+            s->stats[RL_EVICTED]++;
         t = rl->cfg.capacity;
     } else {
         t = rl_refill(rl, n, now);
     }
-    n->ts = now;
+    /* Stamps of several threads may arrive out of order: the bucket's
+     * time never goes back (tokens refilled up to it stay refilled). */
+    if (now > n->ts)
+        n->ts = now;
     if (t >= cost) {
         t -= cost;
     } else {
@@ -136,10 +146,8 @@ bus__ratelimit_take_at(bus_ratelimit *rl, const void *key, size_t len,
             rv = BUS_EAGAIN;
     }
     n->d = t;
-    bus__mutex_unlock(&s->mtx);
-    atomic_fetch_add_explicit(rv == BUS_OK && wait == 0 ? &rl->allowed
-                                                         : &rl->limited,
-                              1, memory_order_relaxed);
+    s->stats[rv == BUS_OK && wait == 0 ? RL_ALLOWED : RL_LIMITED]++;
+    bus__lru_unlock(s);
     if (wait_ns != NULL)
         *wait_ns = wait;
     return rv;
@@ -158,21 +166,27 @@ bus_ratelimit_status_get(bus_ratelimit *rl, const void *key, size_t len,
     st->capacity = rl->cfg.capacity;
     st->rate = rl->cfg.rate;
     st->tokens = rl->cfg.capacity;
-    bus__mutex_lock(&s->mtx);
+    bus__lru_lock(s);
     if ((n = bus__lru_find(s, h, 0)) != NULL
-        && now - n->ts <= rl->idle_ns) {
+        && (now <= n->ts || now - n->ts <= rl->idle_ns)) {
         st->known = true;
         st->tokens = rl_refill(rl, n, now);
-        st->idle_ns = now - n->ts;
+        st->idle_ns = now > n->ts ? now - n->ts : 0;
     }
-    bus__mutex_unlock(&s->mtx);
+    bus__lru_unlock(s);
 }
 
 void
 bus_ratelimit_stats_get(bus_ratelimit *rl, bus_ratelimit_stats *st)
 {
-    st->allowed = atomic_load_explicit(&rl->allowed, memory_order_relaxed);
-    st->limited = atomic_load_explicit(&rl->limited, memory_order_relaxed);
-    st->evicted = atomic_load_explicit(&rl->evicted, memory_order_relaxed);
-    st->keys = bus__lru_size(&rl->lru);
+    memset(st, 0, sizeof(*st));
+    for (uint32_t i = 0; i < rl->lru.nshards; i++) {
+        bus__lru_shard *s = &rl->lru.shards[i];
+        bus__lru_lock(s);
+        st->allowed += s->stats[RL_ALLOWED];
+        st->limited += s->stats[RL_LIMITED];
+        st->evicted += s->stats[RL_EVICTED];
+        st->keys += s->used;
+        bus__lru_unlock(s);
+    }
 }

@@ -8,10 +8,15 @@
  * rate over the rolling window reaches failure_rate once at least
  * min_calls were recorded in it.
  *
- * Cost: bus_breaker_allow on a CLOSED breaker is one relaxed atomic load
- * (~1-2 ns, bench/pipeline); recording a success is two relaxed atomics
- * plus a clock read when the rate rule is on. Transitions take the
- * breaker's mutex; the state-change callback runs after it is released.
+ * Cost: bus_breaker_allow on a CLOSED breaker is one acquire load (~1-2 ns,
+ * bench/pipeline); recording a success on it is a few plain loads and
+ * stores into the calling thread's shard of the counters and window, no
+ * atomic read-modify-write (plus a clock read when the rate rule is on and
+ * the call is not from the bus, which passes its delivery's time). The
+ * counters are summed when a failure needs the rate rule and by
+ * bus_breaker_stats_get. A breaker takes ~4.5 KiB (16 thread shards).
+ * Transitions take the breaker's mutex; the state-change callback runs
+ * after it is released.
  *
  * Time comes from the config's bus_clock (tests inject a manual clock).
  */

@@ -8,7 +8,8 @@
  * (the outbox's RocksDB inbox) plugs in behind it through
  * bus_dedup_store: the LRU is then a cache in front of the store.
  *
- * Thread: any (sharded, a mutex per shard). Time: the config's bus_clock.
+ * Thread: any (sharded, a short spin-then-yield lock per shard). Time: the
+ * config's bus_clock.
  */
 #ifndef BUS_DEDUP_H
 #define BUS_DEDUP_H

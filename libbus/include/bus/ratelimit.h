@@ -9,7 +9,8 @@
  * Keys are identified by a 64-bit hash of their bytes (a collision shares a
  * bucket; with 64 bits it is negligible for any realistic key count).
  *
- * Thread: any; buckets are sharded, each shard under its own mutex.
+ * Thread: any; buckets are sharded, each shard under its own lock (a
+ * short spin-then-yield lock: one atomic exchange per take).
  * Time comes from the config's bus_clock.
  */
 #ifndef BUS_RATELIMIT_H

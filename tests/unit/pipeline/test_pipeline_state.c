@@ -239,6 +239,86 @@ test_breaker_concurrent_use_is_consistent(void **state)
     bus_breaker_free(b);
 }
 
+/* The breaker's counters and window are per thread (breaker.c): the rate
+ * rule must see the outcomes of every thread, and closing must clear the
+ * window of every thread. The recorders stay alive (barrier) while the
+ * main thread checks, so each keeps a shard of its own. */
+typedef struct rate_threads {
+    bus_breaker *b;
+    pthread_barrier_t recorded, done;
+} rate_threads;
+
+static void *
+breaker_rate_recorder(void *arg)
+{
+    rate_threads *rt = arg;
+
+    for (int i = 0; i < 5; i++) {
+        assert_true(bus_breaker_allow(rt->b));
+        bus_breaker_record(rt->b, i < 3); /* 3 successes, 2 failures */
+    }
+    pthread_barrier_wait(&rt->recorded);
+    pthread_barrier_wait(&rt->done);
+    return NULL;
+}
+
+static void
+test_breaker_rate_rule_sums_every_thread(void **state)
+{
+    bus_manual_clock mc;
+    bus_breaker_config c;
+    bus_breaker_stats st;
+    rate_threads rt;
+    pthread_t th[4];
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    bus_breaker_config_init(&c);
+    c.failure_threshold = UINT32_MAX;
+    c.failure_rate = 0.5;
+    c.min_calls = 20;
+    c.window_ms = 1000;
+    c.open_ms = 100;
+    c.clock = mc.clock;
+    assert_int_equal(bus_breaker_new(&rt.b, &c), BUS_OK);
+    pthread_barrier_init(&rt.recorded, NULL, 5);
+    pthread_barrier_init(&rt.done, NULL, 5);
+    for (int i = 0; i < 4; i++)
+        pthread_create(&th[i], NULL, breaker_rate_recorder, &rt);
+    pthread_barrier_wait(&rt.recorded);
+    /* 20 calls, 8 failures over four threads: rate 0.4, closed */
+    bus_breaker_stats_get(rt.b, &st);
+    assert_int_equal(st.calls, 20);
+    assert_int_equal(st.failures, 8);
+    assert_int_equal(st.state, BUS_BREAKER_CLOSED);
+    for (int i = 0; i < 3; i++) { /* 23 calls, 11 failures: 0.478 */
+        bus_breaker_record(rt.b, false);
+        assert_int_equal(bus_breaker_state_get(rt.b), BUS_BREAKER_CLOSED);
+    }
+    bus_breaker_record(rt.b, false); /* 24 calls, 12 failures: 0.5 */
+    assert_int_equal(bus_breaker_state_get(rt.b), BUS_BREAKER_OPEN);
+    /* Probe and close: the window starts empty, whatever the other
+     * threads' shards still hold. */
+    bus_manual_clock_advance(&mc, 100 * MS);
+    assert_true(bus_breaker_allow(rt.b));
+    bus_breaker_record(rt.b, true);
+    assert_int_equal(bus_breaker_state_get(rt.b), BUS_BREAKER_CLOSED);
+    for (int i = 0; i < 19; i++) /* 19 failures: below min_calls */
+        bus_breaker_record(rt.b, false);
+    assert_int_equal(bus_breaker_state_get(rt.b), BUS_BREAKER_CLOSED);
+    bus_breaker_record(rt.b, false); /* 20 calls, all failed */
+    assert_int_equal(bus_breaker_state_get(rt.b), BUS_BREAKER_OPEN);
+    pthread_barrier_wait(&rt.done);
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    bus_breaker_stats_get(rt.b, &st);
+    assert_int_equal(st.calls, 20 + 4 + 1 + 20);
+    assert_int_equal(st.failures, 8 + 4 + 20);
+    pthread_barrier_destroy(&rt.recorded);
+    pthread_barrier_destroy(&rt.done);
+    bus_breaker_free(rt.b);
+}
+
 /* ---- Retry delays ---------------------------------------------------------- */
 
 static void
@@ -514,6 +594,7 @@ main(void)
         cmocka_unit_test(test_breaker_opens_on_consecutive_failures_and_recovers),
         cmocka_unit_test(test_breaker_half_open_failure_reopens),
         cmocka_unit_test(test_breaker_opens_on_failure_rate_after_min_calls),
+        cmocka_unit_test(test_breaker_rate_rule_sums_every_thread),
         cmocka_unit_test(test_breaker_registry_snapshot),
         cmocka_unit_test(test_breaker_concurrent_use_is_consistent),
         cmocka_unit_test(test_retry_delays_follow_backoff_within_jitter_bounds),

@@ -781,6 +781,54 @@ test_metrics_in_prometheus_text(void **state)
     bus_metrics_free(m);
 }
 
+/* A handler that takes 20 ms on the manual clock it gets. */
+static bus_result
+slow_handler(bus_delivery *d, void *opaque)
+{
+    (void)d;
+    bus_manual_clock_advance(opaque, 20000000u);
+    return BUS_ACK;
+}
+
+static void
+test_deadline_overruns_counted_in_metrics(void **state)
+{
+    bus_manual_clock mc;
+    bus_failure_policy p;
+    bus_sub_config sc = bt_sub_cfg(BUS_DISPATCH_INLINE);
+    static const char *const kv[] = {"subscription", "slow"};
+    char err[256], *text;
+    size_t len;
+    prom_doc doc;
+    bus_metrics *m;
+    bus_ctx *ctx;
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000000000u);
+    assert_int_equal(bus_metrics_new(&m, NULL), BUS_OK);
+    ctx = open_ctx(1, &mc, m, NULL);
+    p = fixed_policy(&mc, 1, 10); /* its clock is the deadline's */
+    sc.policy = &p;
+    sc.name = "slow";
+    sc.deadline_ms = 10;
+    assert_int_equal(
+        bus_subscribe(ctx, "jobs.run", slow_handler, &mc, &sc, NULL), BUS_OK);
+    publish(ctx, "jobs.run", ev_stream("a")); /* inline: done on return */
+    publish(ctx, "jobs.run", ev_stream("b"));
+    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
+    memset(&doc, 0, sizeof(doc));
+    if (prom_parse(text, &doc, err, sizeof(err)) != 0)
+        fail_msg("prometheus text: %s\n%s", err, text);
+    assert_true(prom_value(&doc, "bus_handler_overruns_total", kv, 1) == 2);
+    prom_doc_free(&doc);
+    bus_metrics_text_free(text);
+    assert_int_equal(bus_ctx_close(ctx), 0);
+    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
+    assert_null(strstr(text, "bus_handler_overruns_total{"));
+    bus_metrics_text_free(text);
+    bus_metrics_free(m);
+}
+
 /* ---- Health ------------------------------------------------------------------------ */
 
 typedef struct health_want {
@@ -970,6 +1018,7 @@ main(void)
         cmocka_unit_test(test_dedup_in_subscription_chain_drops_redelivery),
         cmocka_unit_test(test_tracing_chain_of_three_handlers),
         cmocka_unit_test(test_metrics_in_prometheus_text),
+        cmocka_unit_test(test_deadline_overruns_counted_in_metrics),
         cmocka_unit_test(test_health_checks_registered_and_deregistered),
         cmocka_unit_test(test_batch_subscription_refuses_a_policy),
         cmocka_unit_test(test_older_config_structs_are_accepted),
