@@ -23,9 +23,20 @@
  * Each throughput figure is the best of ROUNDS runs, ours and raw
  * interleaved so that drifts on a shared machine hit both. The whole
  * program runs in well under a minute at BUS_BENCH_SCALE=1.
+ *
+ * On a shared machine wall figures swing with the load; these print what
+ * swings less, per run, to stderr:
+ *  BUS_BENCH_VERBOSE=1  events/s, process CPU ns per event, voluntary +
+ *                       involuntary context switches per 1000 events, the
+ *                       load average, and the brokers' counters;
+ *  BUS_BENCH_THREADS=1  (with VERBOSE) CPU ns per event of each thread;
+ *  BUS_BENCH_STALL=1    the brokers' counters whenever the handler count
+ *                       stood still for 200 ms (finding stalls).
  */
 #include <pthread.h>
 #include <sched.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,6 +105,121 @@ open_ctx(void)
     return ctx;
 }
 
+/* ---- Cost accounting (BUS_BENCH_VERBOSE) ----------------------------------
+ * Wall time swings with the load of a shared machine; the process's CPU
+ * time and context switches per event swing much less, so verbose runs
+ * print them beside each figure. */
+
+#define COST_THREADS 16
+
+typedef struct cost {
+    uint64_t wall_ns, cpu_ns;
+    long vcsw, ivcsw;
+    int nt; /* threads: tid, name, CPU time (schedstat) */
+    int tid[COST_THREADS];
+    char name[COST_THREADS][20];
+    uint64_t run_ns[COST_THREADS];
+} cost;
+
+/* Reads each thread's name and run time from /proc (Linux). */
+static void
+cost_threads(cost *c)
+{
+    DIR *dir = opendir("/proc/self/task");
+    struct dirent *de;
+    char path[128];
+
+    c->nt = 0;
+    if (dir == NULL)
+        return;
+    while (c->nt < COST_THREADS && (de = readdir(dir)) != NULL) {
+        int tid = atoi(de->d_name);
+        unsigned long long run = 0;
+        FILE *f;
+        if (tid <= 0)
+            continue;
+        snprintf(path, sizeof(path), "/proc/%d/task/%d/schedstat",
+                 (int)getpid(), tid);
+        if ((f = fopen(path, "r")) == NULL)
+            continue;
+        if (fscanf(f, "%llu", &run) != 1)
+            run = 0;
+        fclose(f);
+        snprintf(path, sizeof(path), "/proc/%d/task/%d/comm", (int)getpid(),
+                 tid);
+        c->name[c->nt][0] = '\0';
+        if ((f = fopen(path, "r")) != NULL) {
+            if (fgets(c->name[c->nt], sizeof(c->name[0]), f) == NULL)
+                c->name[c->nt][0] = '\0';
+            c->name[c->nt][strcspn(c->name[c->nt], "\n")] = '\0';
+            fclose(f);
+        }
+        c->tid[c->nt] = tid;
+        c->run_ns[c->nt] = run;
+        c->nt++;
+    }
+    closedir(dir);
+}
+
+static bool
+verbose(void)
+{
+    return getenv("BUS_BENCH_VERBOSE") != NULL;
+}
+
+static void
+cost_snap(cost *c)
+{
+    struct rusage ru;
+    struct timespec ts;
+
+    c->wall_ns = bench_now_ns();
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    c->cpu_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    getrusage(RUSAGE_SELF, &ru);
+    c->vcsw = ru.ru_nvcsw;
+    c->ivcsw = ru.ru_nivcsw;
+    c->nt = 0;
+}
+
+/* Prints events/s, CPU ns per event and context switches per 1000
+ * events between a and now. */
+static void
+cost_print(const char *what, const cost *a, uint64_t n)
+{
+    cost b;
+    double load = 0;
+    FILE *f = fopen("/proc/loadavg", "r");
+
+    cost_snap(&b);
+    if (getenv("BUS_BENCH_THREADS") != NULL) {
+        int i, j;
+        cost_threads(&b);
+        for (i = 0; i < b.nt; i++) {
+            uint64_t before = 0;
+            for (j = 0; j < a->nt; j++)
+                if (a->tid[j] == b.tid[i])
+                    before = a->run_ns[j];
+            if (b.run_ns[i] - before > (uint64_t)n * 20) /* > 20 ns/ev */
+                fprintf(stderr, "    %-14s %6.0f ns/ev\n", b.name[i],
+                        (double)(b.run_ns[i] - before) / (double)n);
+        }
+    }
+    if (f != NULL) {
+        if (fscanf(f, "%lf", &load) != 1)
+            load = 0;
+        fclose(f);
+    }
+    fprintf(stderr,
+            "  %-34s %8.0f ev/s  cpu %6.0f ns/ev  csw %6.2f+%.2f /1k ev  "
+            "load %.2f  [%.6f %.6f]\n",
+            what, (double)n / ((double)(b.wall_ns - a->wall_ns) / 1e9),
+            (double)(b.cpu_ns - a->cpu_ns) / (double)n,
+            (double)(b.vcsw - a->vcsw) * 1000.0 / (double)n,
+            (double)(b.ivcsw - a->ivcsw) * 1000.0 / (double)n, load,
+            (double)a->wall_ns / 1e9, (double)b.wall_ns / 1e9);
+}
+
 /* ---- A counter a handler bumps and the bench waits on ------------------- */
 
 typedef struct counter {
@@ -139,6 +265,56 @@ counter_wait(counter *c)
     while (!c->done)
         pthread_cond_wait(&c->cond, &c->mtx);
     pthread_mutex_unlock(&c->mtx);
+}
+
+/* BUS_BENCH_STALL: waits on c, printing the brokers' counters whenever
+ * nothing moved for 200 ms (finding stalls). */
+static void
+counter_wait_watch(counter *c, bus_broker *hub, bus_broker *peer)
+{
+    uint64_t last = atomic_load(&c->n);
+
+    if (getenv("BUS_BENCH_STALL") == NULL) {
+        counter_wait(c);
+        return;
+    }
+    for (;;) {
+        struct timespec ts;
+        bool done;
+        int rc = 0;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_mutex_lock(&c->mtx);
+        while (!c->done && rc == 0)
+            rc = pthread_cond_timedwait(&c->cond, &c->mtx, &ts);
+        done = c->done;
+        pthread_mutex_unlock(&c->mtx);
+        if (done)
+            return;
+        if (atomic_load(&c->n) == last) {
+            bus_broker_zmq_stats h, p;
+            bus_broker_zmq_stats_get(hub, &h);
+            bus_broker_zmq_stats_get(peer, &p);
+            fprintf(
+                stderr,
+                "  STALL handled %llu/%llu; hub pub %llu sent %llu "
+                "inflight %llu hwm_waits %llu delivered %llu; peer pub "
+                "%llu sent %llu delivered %llu acked %llu inflight "
+                "%llu\n",
+                (unsigned long long)last, (unsigned long long)c->want,
+                (unsigned long long)h.published, (unsigned long long)h.sent,
+                (unsigned long long)h.inflight, (unsigned long long)h.hwm_waits,
+                (unsigned long long)h.delivered,
+                (unsigned long long)p.published, (unsigned long long)p.sent,
+                (unsigned long long)p.delivered, (unsigned long long)p.acked,
+                (unsigned long long)p.inflight);
+        }
+        last = atomic_load(&c->n);
+    }
 }
 
 static bus_result
@@ -187,6 +363,7 @@ ours_throughput(const char *hub_uri, bool reliable, uint64_t n)
     bus_broker *from = reliable ? peer : hub, *to = reliable ? hub : peer;
     bus_ctx *ctx = open_ctx();
     counter c;
+    cost k;
     uint64_t i, t0, t1;
     int rv;
 
@@ -200,26 +377,30 @@ ours_throughput(const char *hub_uri, bool reliable, uint64_t n)
         struct timespec ts = {0, 100000};
         nanosleep(&ts, NULL);
     }
+    cost_snap(&k);
+    if (getenv("BUS_BENCH_THREADS") != NULL)
+        cost_threads(&k);
     t0 = bench_now_ns();
     for (i = 0; i < n; i++)
         publish(from, "bench.thr");
-    counter_wait(&c);
+    counter_wait_watch(&c, hub, peer);
     if ((rv = bus_broker_flush(from, 60000)) != BUS_OK)
         die("flush", rv);
     t1 = bench_now_ns();
-    if (getenv("BUS_BENCH_VERBOSE") != NULL) {
+    if (verbose()) {
         bus_broker_zmq_stats h, p;
+        cost_print(reliable ? "ours reliable" : "ours fanout", &k, n);
         bus_broker_zmq_stats_get(hub, &h);
         bus_broker_zmq_stats_get(peer, &p);
         fprintf(stderr,
-                "  %s: %.0f ev/s; hub sent %llu hwm waits %llu drops %llu "
-                "late %llu resent %llu; peer resent %llu dups %llu\n",
-                hub_uri, (double)n / ((double)(t1 - t0) / 1e9),
+                "    hub sent %llu hwm waits %llu drops %llu late %llu "
+                "resent %llu dups %llu; peer resent %llu\n",
                 (unsigned long long)h.sent, (unsigned long long)h.hwm_waits,
                 (unsigned long long)h.dropped_hwm,
                 (unsigned long long)h.dropped_late,
-                (unsigned long long)h.resent, (unsigned long long)p.resent,
-                (unsigned long long)h.duplicates_dropped);
+                (unsigned long long)h.resent,
+                (unsigned long long)h.duplicates_dropped,
+                (unsigned long long)p.resent);
     }
     bus_ctx_close(ctx);
     bus_broker_close(peer);
@@ -271,6 +452,7 @@ raw_throughput(const char *ep, bool pushpull, uint64_t n)
     size_t len = sizeof(endpoint);
     raw_rx r = {rx, n, pushpull ? 1 : 2};
     pthread_t th;
+    cost k;
     uint64_t i, t0, t1;
 
     raw_setint(tx, ZMQ_SNDHWM, HWM);
@@ -289,7 +471,10 @@ raw_throughput(const char *ep, bool pushpull, uint64_t n)
     zmq_connect(rx, endpoint);
     if (!pushpull) /* the slow joiner: wait for the subscription */
         (void)zmq_recv(tx, sub, sizeof(sub), 0);
+    cost_snap(&k);
     pthread_create(&th, NULL, raw_rx_main, &r);
+    if (getenv("BUS_BENCH_THREADS") != NULL)
+        cost_threads(&k);
     t0 = bench_now_ns();
     for (i = 0; i < n; i++) {
         if (!pushpull) {
@@ -303,6 +488,8 @@ raw_throughput(const char *ep, bool pushpull, uint64_t n)
     }
     pthread_join(th, NULL);
     t1 = bench_now_ns();
+    if (verbose())
+        cost_print(pushpull ? "raw PUSH/PULL" : "raw PUB/SUB", &k, n);
     zmq_close(tx);
     zmq_close(rx);
     zmq_ctx_term(ctx);

@@ -72,6 +72,7 @@
 #define ZB_DEF_MAX_MSG ((int64_t)16 << 20)
 #define ZB_DEF_LINGER 200
 #define ZB_DEF_SPIN_US 0
+#define ZB_DEF_BATCH 8192
 #define ZB_DEF_HWM_WAIT_MS 1000
 #define ZB_DEF_SUB_TIMEOUT_MS 2000
 #define ZB_DEF_PEER_TIMEOUT_MS 10000
@@ -346,12 +347,32 @@ zb_notify(zb *z)
 void
 zb_release(zb *z, uint64_t credits, uint64_t completed)
 {
-    /* seq_cst: ordered before zb_notify's load of waiters. */
+    uint64_t left = 0, w;
+
+    /* seq_cst: ordered before the load of waiters below. */
     if (credits > 0)
-        atomic_fetch_sub_explicit(&z->credits, credits, memory_order_seq_cst);
+        left = atomic_fetch_sub_explicit(&z->credits, credits,
+                                         memory_order_seq_cst) -
+               credits;
     if (completed > 0)
         atomic_fetch_add_explicit(&z->completed, completed,
                                   memory_order_seq_cst);
+    w = atomic_load_explicit(&z->waiters, memory_order_seq_cst);
+    if (w == 0)
+        return;
+    /* Fanout: when only publishers waiting for a credit wait, wake them
+     * once a quarter of the queue is free rather than at every drain
+     * round: they refill it in one go instead of a wake-up (two futex
+     * calls and a context switch) per few hundred events. The I/O thread
+     * keeps draining meanwhile, and a drain to below the mark always
+     * comes (an empty queue is below it; a queue stuck at the HWM drops
+     * after hwm_wait). A waiter whose deadline passes takes a free
+     * credit all the same (zb_credit_take), so no publish fails for
+     * it. Not in reliable mode, where credits come back as acks do, at
+     * the receiver's pace. */
+    if (z->o.mode == ZB_FANOUT && (uint32_t)w == (uint32_t)(w >> 32) &&
+        left > z->credit_max - z->credit_max / 4)
+        return;
     zb_notify(z);
 }
 
@@ -393,7 +414,8 @@ zb_credit_take(zb *z, unsigned flags)
     /* seq_cst: this increment comes before our re-check of the credits,
      * and a releaser's decrement before its load of waiters: one of us
      * sees the other, so no wakeup is lost. */
-    atomic_fetch_add_explicit(&z->waiters, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&z->waiters, ZB_CREDIT_WAITER,
+                              memory_order_seq_cst);
     for (;;) {
         if (atomic_load_explicit(&z->closed, memory_order_acquire)) {
             rv = BUS_ECLOSED;
@@ -410,7 +432,8 @@ zb_credit_take(zb *z, unsigned flags)
             break;
         }
     }
-    atomic_fetch_sub_explicit(&z->waiters, 1, memory_order_seq_cst);
+    atomic_fetch_sub_explicit(&z->waiters, ZB_CREDIT_WAITER,
+                              memory_order_seq_cst);
     bus__mutex_unlock(&z->mtx);
     return rv;
 }
@@ -643,42 +666,64 @@ zb_bad_msg(zb *z, const char *why, const void *data, size_t len)
     zb_bad_frame(z, why);
 }
 
-int
-zb_decode(zb *z, zmq_msg_t *tmsg, zmq_msg_t *env, char *topic, bus_event **out)
+/* Copies and checks a topic frame into topic (NUL-terminated). BUS_OK, or
+ * BUS_EPROTO with why filled (topic then empty). */
+static int
+zb_topic_take(zb *z, const void *t, size_t tlen, char *topic, char *why,
+              size_t why_len)
 {
-    size_t tlen = zmq_msg_size(tmsg), size = zmq_msg_size(env);
-    char why[200], tw[128], line[320];
-    bus_event *ev = NULL;
-    zmq_msg_t *holder;
-    int rv;
+    char tw[128];
 
-    *out = NULL;
     topic[0] = '\0';
-    ZB_TSAN_ACQUIRE(env);
     if (tlen == 0 || tlen > BUS_TOPIC_MAX_LEN) {
-        snprintf(why, sizeof(why), "topic frame of %zu bytes", tlen);
-        rv = BUS_EPROTO;
-        goto bad;
+        snprintf(why, why_len, "topic frame of %zu bytes", tlen);
+        return BUS_EPROTO;
     }
-    memcpy(topic, zmq_msg_data(tmsg), tlen);
+    memcpy(topic, t, tlen);
     topic[tlen] = '\0';
     /* A stream usually repeats its topics: the last one that passed the
      * check needs no second one. */
     if (tlen == z->last_topic_len && memcmp(topic, z->last_topic, tlen) == 0)
-        goto topic_ok;
+        return BUS_OK;
     if (memchr(topic, '\0', tlen) != NULL ||
         bus__topic_check(topic, false, tw, sizeof(tw)) != BUS_OK) {
-        snprintf(why, sizeof(why), "bad topic frame: %s",
+        snprintf(why, why_len, "bad topic frame: %s",
                  memchr(topic, '\0', tlen) != NULL ? "NUL byte" : tw);
         topic[0] = '\0';
-        rv = BUS_EPROTO;
-        goto bad;
+        return BUS_EPROTO;
     }
     if (tlen <= sizeof(z->last_topic)) {
         memcpy(z->last_topic, topic, tlen);
         z->last_topic_len = tlen;
     }
-topic_ok:
+    return BUS_OK;
+}
+
+/* The decoded event carries its topic and is frozen. */
+static void
+zb_decoded(bus_event *ev, const char *topic)
+{
+    /* Decoded events may come frozen (older codec): the bus context then
+     * records the topic on a copy. */
+    if (!bus__event_is_frozen(ev))
+        (void)bus__event_set_topic(ev, topic, strlen(topic));
+    bus_event_freeze(ev);
+}
+
+int
+zb_decode(zb *z, zmq_msg_t *tmsg, zmq_msg_t *env, char *topic, bus_event **out)
+{
+    size_t size = zmq_msg_size(env);
+    char why[200], line[320];
+    bus_event *ev = NULL;
+    zmq_msg_t *holder;
+    int rv;
+
+    *out = NULL;
+    ZB_TSAN_ACQUIRE(env);
+    if ((rv = zb_topic_take(z, zmq_msg_data(tmsg), zmq_msg_size(tmsg), topic,
+                            why, sizeof(why))) != BUS_OK)
+        goto bad;
     if (size > ZB_ADOPT_MIN && z->o.dead_letter == NULL) {
         if ((holder = bus__alloc(sizeof(*holder))) == NULL) {
             zmq_msg_close(env);
@@ -704,11 +749,7 @@ topic_ok:
             goto bad;
         zmq_msg_close(env);
     }
-    /* Decoded events may come frozen (older codec): the bus context then
-     * records the topic on a copy. */
-    if (!bus__event_is_frozen(ev))
-        (void)bus__event_set_topic(ev, topic, tlen);
-    bus_event_freeze(ev);
+    zb_decoded(ev, topic);
     *out = ev;
     return BUS_OK;
 bad:
@@ -716,6 +757,32 @@ bad:
         zb_dead_letter(z, topic, zmq_msg_data(env), size, rv, why);
     zmq_msg_close(env);
 counted:
+    snprintf(line, sizeof(line), "%s (%s)", why, bus_err_name(rv));
+    zb_bad_frame(z, line);
+    return rv;
+}
+
+int
+zb_decode_buf(zb *z, const void *t, size_t tlen, const void *env, size_t size,
+              char *topic, bus_event **out)
+{
+    char why[200], line[320];
+    bus_event *ev = NULL;
+    int rv;
+
+    *out = NULL;
+    if ((rv = zb_topic_take(z, t, tlen, topic, why, sizeof(why))) == BUS_OK) {
+        rv = bus_codec_decode(&ev, env, size, &z->limits, why, sizeof(why));
+        if (rv == BUS_ENOMEM)
+            return rv;
+        if (rv == BUS_OK) {
+            zb_decoded(ev, topic);
+            *out = ev;
+            return BUS_OK;
+        }
+    }
+    if (z->o.dead_letter != NULL)
+        zb_dead_letter(z, topic, env, size, rv, why);
     snprintf(line, sizeof(line), "%s (%s)", why, bus_err_name(rv));
     zb_bad_frame(z, line);
     return rv;
@@ -1165,11 +1232,18 @@ zb_wake_drain(zb *z)
 {
     char buf[64];
 
-    /* relaxed store first: a later waker writes a new byte, so the pipe
-     * stays readable and nothing is lost. */
-    atomic_store_explicit(&z->wake_pending, false, memory_order_relaxed);
+    /* Empty the pipe first, then clear the flag. The other order loses
+     * wake-ups: a waker that set the flag after the clear could have its
+     * byte swallowed by these reads, leaving the flag set over an empty
+     * pipe, so that every later waker skips its write and the thread
+     * sleeps its full poll timeout (the 0.5 s stalls bench/zmq showed).
+     * In this order a waker racing with us at worst leaves a byte behind:
+     * one spurious wake-up. A waker that saw the flag still set before
+     * the clear made its work visible before its fence, so our re-check
+     * before sleeping sees it (see zb_wake). */
     while (read(z->wake_fd[0], buf, sizeof(buf)) > 0)
         ;
+    atomic_store_explicit(&z->wake_pending, false, memory_order_relaxed);
 }
 
 /* The end: what the queue still holds is sent (fanout) or failed
@@ -1485,6 +1559,7 @@ zb_parse_opts(zb *z, bus_uri *u, char *errbuf, size_t errbuf_len)
     o->max_msg_size = ZB_DEF_MAX_MSG;
     o->linger = ZB_DEF_LINGER;
     o->spin_us = ZB_DEF_SPIN_US;
+    o->batch = ZB_DEF_BATCH;
     o->hwm_wait_ms = ZB_DEF_HWM_WAIT_MS;
     o->subscribe_timeout_ms = ZB_DEF_SUB_TIMEOUT_MS;
     o->peer_timeout_ms = ZB_DEF_PEER_TIMEOUT_MS;
@@ -1551,6 +1626,8 @@ zb_parse_opts(zb *z, bus_uri *u, char *errbuf, size_t errbuf_len)
                          errbuf_len)) ||
         (rv = zb_opt_i32(u, "spin_us", 0, 1000000, &o->spin_us, errbuf,
                          errbuf_len)) ||
+        (rv = zb_opt_i32(u, "batch", 0, 1 << 24, &o->batch, errbuf,
+                         errbuf_len)) ||
         (rv = zb_opt_str(u, "routing_id", 255, &o->routing_id, errbuf,
                          errbuf_len)) ||
         (rv = zb_opt_str(u, "dead_letter", BUS_TOPIC_MAX_LEN, &o->dead_letter,
@@ -1558,6 +1635,9 @@ zb_parse_opts(zb *z, bus_uri *u, char *errbuf, size_t errbuf_len)
         return rv;
     o->queue = (uint32_t)q;
     o->window = (uint32_t)w;
+    /* A batch is one frame: never over our own limit either. */
+    if ((int64_t)o->batch > o->max_msg_size)
+        o->batch = (int32_t)o->max_msg_size;
     o->dedup = (uint32_t)d;
     if (o->dead_letter != NULL &&
         bus__topic_check(o->dead_letter, false, NULL, 0) != BUS_OK) {

@@ -72,6 +72,10 @@ void __tsan_release(void *addr);
 #define ZB_C_PING 0x04  /* (peer to hub) */
 #define ZB_C_SUBOK 0x05 /* + pattern (hub to peer) */
 #define ZB_C_WHO 0x06   /* (hub to peer): unknown peer, subscribe again */
+/* Events in one frame, from a sender to a receiver: + records of
+ * [tag 8][topic length 2][topic][envelope length 4][envelope]. */
+#define ZB_C_BATCH 0x07
+#define ZB_BATCH_HDR (ZB_TAG_LEN + 2 + 4) /* a batch record's fixed part */
 
 /* Fanout: an envelope frame starting with this byte (never the first
  * byte of a MessagePack map) is a control message; "bus-sync" after it
@@ -119,6 +123,7 @@ typedef struct zb_opts {
     int64_t max_msg_size;
     int32_t linger;
     int32_t spin_us;   /* I/O thread spin before sleeping */
+    int32_t batch;     /* reliable: max bytes of a batch frame; 0: none */
     char *routing_id;  /* NULL: libzmq picks one */
     char *dead_letter; /* NULL: bad frames are only counted */
     /* CURVE: on when a secret key (server) or a server key (client) is
@@ -230,6 +235,9 @@ typedef struct zb_ratelog {
     uint64_t last_ns;
     uint64_t suppressed;
 } zb_ratelog;
+
+/* A thread waiting for a publish credit, in z->waiters. */
+#define ZB_CREDIT_WAITER ((uint64_t)1 << 32 | 1)
 
 #define ZB_ID_INLINE 16  /* ROUTER identities libzmq makes are 5 bytes */
 #define ZB_POOL_MAX 4096 /* records and deliveries kept for reuse */
@@ -372,7 +380,9 @@ struct zb {
     char pad3_[ZB_PAD];
     uint64_t head;              /* @io */
     _Atomic uint64_t completed; /* publishes whose ack ran */
-    _Atomic uint32_t waiters;   /* threads waiting on cond */
+    _Atomic uint64_t waiters;   /* threads waiting on cond; those waiting
+                                 * for a credit count in the high half too
+                                 * (ZB_CREDIT_WAITER) */
     char pad4_[ZB_PAD];
 
     bus__mutex mtx;
@@ -486,6 +496,10 @@ void zb_pub_move(zb_pub *dst, zb_pub *src);
  * Returns BUS_OK or the error (already counted). */
 int zb_decode(zb *z, zmq_msg_t *tmsg, zmq_msg_t *env, char *topic,
               bus_event **out);
+/* As zb_decode, from bytes inside a larger frame (a reliable batch):
+ * always copies; borrows t and env. */
+int zb_decode_buf(zb *z, const void *t, size_t tlen, const void *env,
+                  size_t size, char *topic, bus_event **out);
 /* A sync (fanout) or SUBOK (reliable) for key: completes the subscribe
  * commands waiting for it. @io */
 void zb_sync_done(zb *z, const char *key, size_t len);

@@ -349,6 +349,90 @@ zb_flight_tag(const zb *z, const zb_flight *f)
     return (uint64_t)(f - z->flights) << 32 | f->gen;
 }
 
+/* A flight's record in a batch frame. */
+static size_t
+zb_batch_rec_size(const zb_flight *f)
+{
+    return ZB_BATCH_HDR + f->p.topic_len + zmq_msg_size(&f->p.env);
+}
+
+static void
+zb_put_be(uint8_t *p, uint64_t v, int n)
+{
+    while (n-- > 0) {
+        p[n] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+/* The flight went out (alone or in a batch). */
+static void
+zb_flight_sent(zb *z, zb_flight *f, uint64_t now)
+{
+    zb_count(f->sends++ == 0 ? &z->st.sent : &z->st.resent, 1);
+    f->sent_ns = now;
+    zb_fl_remove(&z->unsent, f);
+    zb_fl_append(&z->sent, f, ZB_FL_SENT);
+}
+
+/* Sends the head of unsent and the flights after it that fit in one
+ * batch frame of up to o.batch bytes: one libzmq message (and one
+ * receive, one wire frame) for many events instead of three frames per
+ * event. Copies each envelope (a resend builds a new batch). False when
+ * the socket refused it (no peer, HWM): retried when writable. */
+static bool
+zb_rel_send_batch(zb *z, uint64_t now)
+{
+    size_t total = 1, n = 0, off = 1, i;
+    zb_flight *f;
+    zmq_msg_t m;
+    uint8_t *d;
+
+    for (f = z->unsent.head; f != NULL; f = f->next, n++) {
+        size_t rec = zb_batch_rec_size(f);
+        if (total + rec > (size_t)z->o.batch)
+            break;
+        total += rec;
+    }
+    if (zmq_msg_init_size(&m, total) != 0)
+        return false; /* out of memory: try later */
+    d = zmq_msg_data(&m);
+    d[0] = ZB_C_BATCH;
+    for (i = 0, f = z->unsent.head; i < n; i++, f = f->next) {
+        size_t esize = zmq_msg_size(&f->p.env);
+        zb_put_be(d + off, zb_flight_tag(z, f), ZB_TAG_LEN);
+        zb_put_be(d + off + ZB_TAG_LEN, f->p.topic_len, 2);
+        off += ZB_TAG_LEN + 2;
+        memcpy(d + off, zb_pub_topic(&f->p), f->p.topic_len);
+        off += f->p.topic_len;
+        zb_put_be(d + off, esize, 4);
+        off += 4;
+        memcpy(d + off, zmq_msg_data(&f->p.env), esize);
+        off += esize;
+    }
+    ZB_TSAN_RELEASE(&m);
+    if (zmq_msg_send(&m, z->send_sock, ZMQ_DONTWAIT) < 0) {
+        if (zmq_errno() != EAGAIN)
+            zb_ratelogf(z, &z->rl_drop, BUS_LOG_WARN, "send: %s",
+                        zmq_strerror(zmq_errno()));
+        zmq_msg_close(&m);
+        return false;
+    }
+    for (i = 0; i < n; i++)
+        zb_flight_sent(z, z->unsent.head, now);
+    return true;
+}
+
+/* True when the head of unsent and the flight after it fit in a batch:
+ * then a batch goes, otherwise [tag][topic][envelope] alone. */
+static bool
+zb_rel_batchable(const zb *z, const zb_flight *f)
+{
+    return z->o.batch > 0 && f->next != NULL &&
+           1 + zb_batch_rec_size(f) + zb_batch_rec_size(f->next) <=
+               (size_t)z->o.batch;
+}
+
 void
 zb_rel_send(zb *z, uint64_t now)
 {
@@ -358,6 +442,11 @@ zb_rel_send(zb *z, uint64_t now)
         uint8_t tag[ZB_TAG_LEN];
         zmq_msg_t c;
 
+        if (zb_rel_batchable(z, f)) {
+            if (!zb_rel_send_batch(z, now))
+                return;
+            continue;
+        }
         zb_put_be64(tag, zb_flight_tag(z, f));
         if (zmq_send(z->send_sock, tag, sizeof(tag),
                      ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) {
@@ -379,10 +468,7 @@ zb_rel_send(zb *z, uint64_t now)
             zb_logf(z, BUS_LOG_ERR, "send envelope: %s",
                     zmq_strerror(zmq_errno()));
         }
-        zb_count(f->sends++ == 0 ? &z->st.sent : &z->st.resent, 1);
-        f->sent_ns = now;
-        zb_fl_remove(&z->unsent, f);
-        zb_fl_append(&z->sent, f, ZB_FL_SENT);
+        zb_flight_sent(z, f, now);
     }
 }
 
@@ -488,6 +574,8 @@ zb_rel_reconnected(zb *z)
 }
 
 static int zb_recv_parts(void *sock, zmq_msg_t m[4]);
+static void zb_rel_batch(zb *z, const void *pid, size_t pidlen,
+                         const uint8_t *d, size_t len, uint64_t now);
 static void zb_rel_data(zb *z, const void *pid, size_t pidlen, zmq_msg_t *m,
                         uint64_t now);
 
@@ -521,6 +609,9 @@ zb_rel_dealer_input(zb *z)
             (len - 1) % ZB_TAG_LEN == 0) {
             for (k = 1; (size_t)k < len; k += ZB_TAG_LEN)
                 done += zb_rel_acked(z, zb_get_be64(d + k));
+        } else if (len >= 1 && d[0] == ZB_C_BATCH) {
+            ZB_TSAN_ACQUIRE(&m[0]);
+            zb_rel_batch(z, "", 0, d, len, now);
         } else if (len >= 1 && d[0] == ZB_C_SUBOK) {
             zb_sync_done(z, (const char *)d + 1, len - 1);
         } else if (len == 1 && d[0] == ZB_C_WHO) {
@@ -1216,6 +1307,19 @@ zb_recv_parts(void *sock, zmq_msg_t m[4])
     }
 }
 
+/* Not ready (no subscription yet) or full: the event is left unacked,
+ * and its sender keeps it and resends it. */
+static bool
+zb_rel_refuse(zb *z)
+{
+    if (z->nlive == 0 || z->npending >= z->max_pending) {
+        if (z->nlive > 0)
+            zb_count(&z->st.dropped_queue, 1);
+        return true;
+    }
+    return false;
+}
+
 /* A data message [tag][topic][envelope] in m[0..3) from pid (a ROUTER
  * identity, or NULL: the hub, through our DEALER). Closes m. */
 static void
@@ -1236,11 +1340,7 @@ zb_rel_data(zb *z, const void *pid, size_t pidlen, zmq_msg_t *m, uint64_t now)
         return;
     }
     tag = zb_get_be64(zmq_msg_data(&m[0]));
-    if (z->nlive == 0 || z->npending >= z->max_pending) {
-        /* Not ready (no subscription yet) or full: left unacked, the
-         * sender keeps it and resends it. */
-        if (z->nlive > 0)
-            zb_count(&z->st.dropped_queue, 1);
+    if (zb_rel_refuse(z)) {
         zmq_msg_close(&m[0]);
         zmq_msg_close(&m[1]);
         zmq_msg_close(&m[2]);
@@ -1259,6 +1359,82 @@ zb_rel_data(zb *z, const void *pid, size_t pidlen, zmq_msg_t *m, uint64_t now)
     zmq_msg_close(&keep);
     zmq_msg_close(&m[0]);
     zmq_msg_close(&m[1]);
+}
+
+static uint64_t
+zb_get_be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    int i;
+
+    for (i = 0; i < n; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* A batch frame d[0..len) (d[0] is ZB_C_BATCH) from pid: each record as
+ * zb_rel_data. A malformed record ends the batch (the records before it
+ * stand; the rest is counted as one bad frame and resent by an honest
+ * sender, unacked). */
+static void
+zb_rel_batch(zb *z, const void *pid, size_t pidlen, const uint8_t *d,
+             size_t len, uint64_t now)
+{
+    char topic[BUS_TOPIC_MAX_LEN + 1];
+    size_t off = 1;
+
+    if (len < 1 + ZB_BATCH_HDR) {
+        zb_bad_msg(z, "empty or truncated batch", d, len);
+        return;
+    }
+    while (off < len) {
+        size_t tlen, elen;
+        const uint8_t *t, *e;
+        bus_event *ev;
+        zmq_msg_t keep;
+        uint64_t tag;
+        int rv;
+
+        if (len - off < ZB_BATCH_HDR)
+            goto bad;
+        tag = zb_get_be(d + off, ZB_TAG_LEN);
+        tlen = (size_t)zb_get_be(d + off + ZB_TAG_LEN, 2);
+        off += ZB_TAG_LEN + 2;
+        if (len - off < tlen + 4)
+            goto bad;
+        t = d + off;
+        off += tlen;
+        elen = (size_t)zb_get_be(d + off, 4);
+        off += 4;
+        if (len - off < elen)
+            goto bad;
+        e = d + off;
+        off += elen;
+        if (zb_rel_refuse(z))
+            continue;
+        rv = zb_decode_buf(z, t, tlen, e, elen, topic, &ev);
+        if (rv != BUS_OK) {
+            if (rv != BUS_ENOMEM) /* undecodable: as in zb_rel_data */
+                zb_ack_queue(z, pid, pidlen, tag);
+            continue;
+        }
+        /* A record going to a peer keeps its envelope as a message. */
+        zmq_msg_init(&keep);
+        if (z->nremote > 0) {
+            zmq_msg_close(&keep);
+            if (zmq_msg_init_size(&keep, elen) != 0) {
+                zmq_msg_init(&keep);
+                bus_event_unref(ev); /* unacked: resent later */
+                continue;
+            }
+            memcpy(zmq_msg_data(&keep), e, elen);
+        }
+        zb_rel_incoming(z, pid, pidlen, tag, topic, ev, &keep, now);
+        zmq_msg_close(&keep);
+    }
+    return;
+bad:
+    zb_bad_msg(z, "truncated batch record", d, len);
 }
 
 void
@@ -1280,6 +1456,17 @@ zb_rel_router_input(zb *z)
             zb_rel_data(z, zmq_msg_data(&m[0]), zmq_msg_size(&m[0]), m + 1,
                         now);
             zmq_msg_close(&m[0]);
+        } else if (n == 2 && zmq_msg_size(&m[1]) > 0 &&
+                   *(const uint8_t *)zmq_msg_data(&m[1]) == ZB_C_BATCH) {
+            zb_peer *p =
+                zb_peer_find(z, zmq_msg_data(&m[0]), zmq_msg_size(&m[0]));
+            if (p != NULL)
+                p->last_ns = now;
+            ZB_TSAN_ACQUIRE(&m[1]);
+            zb_rel_batch(z, zmq_msg_data(&m[0]), zmq_msg_size(&m[0]),
+                         zmq_msg_data(&m[1]), zmq_msg_size(&m[1]), now);
+            zmq_msg_close(&m[0]);
+            zmq_msg_close(&m[1]);
         } else if (n == 2) {
             zb_hub_ctrl(z, zmq_msg_data(&m[0]), zmq_msg_size(&m[0]),
                         zmq_msg_data(&m[1]), zmq_msg_size(&m[1]), now);

@@ -70,6 +70,10 @@
  *   backpressure=fail: BUS_EAGAIN at once). A receiver holds at most 4
  *   windows of events being handled and leaves the rest unacked (resent).
  *   Order is publish order except across resends and redeliveries.
+ *   A sender packs waiting events into frames of up to `batch` bytes
+ *   (default 8192; 0: one event per message): the receiver's
+ *   max_msg_size must be at least that, and a broker that predates
+ *   batches needs batch=0.
  *
  * Publish: takes ev on success; encodes it in the calling thread and
  * hands it to the broker's I/O thread. The ack runs on the I/O thread:
@@ -95,8 +99,8 @@
  * block_timeout_ms, resend_ivl, dedup, wait_subscriber, hwm_wait,
  * subscribe_timeout, peer_timeout, reconnect_ivl, reconnect_ivl_max,
  * heartbeat_ivl, heartbeat_timeout, heartbeat_ttl, handshake_ivl,
- * max_msg_size, linger, spin_us, routing_id, dead_letter, and for CURVE
- * curve_secret_key[_file], curve_public_key[_file],
+ * max_msg_size, linger, batch, spin_us, routing_id, dead_letter, and for
+ * CURVE curve_secret_key[_file], curve_public_key[_file],
  * curve_server_key[_file], curve_allow[_file], curve_allow_any,
  * zap_domain.
  *

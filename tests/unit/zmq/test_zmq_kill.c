@@ -29,6 +29,7 @@
 
 #define EVENTS 4000
 #define KILLS 4
+#define SHARE ((uint64_t)EVENTS / (KILLS + 2))
 
 extern char **environ;
 
@@ -135,11 +136,29 @@ lines_reached(void *arg)
     return file_lines(w->file) >= w->want;
 }
 
+/* The sender publishes events [0, quota): the main thread raises the
+ * quota by a share at each kill, so that every incarnation has events
+ * left to handle (the sender is faster than the kills: without a quota
+ * the first incarnations could take them all). */
 typedef struct sender {
     bus_broker *b;
     zt_acks acks;
     atomic_int bad_rv;
+    _Atomic uint64_t quota;
 } sender;
+
+typedef struct quota_wait {
+    sender *s;
+    uint64_t i;
+} quota_wait;
+
+static int
+quota_reached(void *arg)
+{
+    quota_wait *w = arg;
+
+    return atomic_load(&w->s->quota) > w->i;
+}
 
 static void *
 sender_thread(void *arg)
@@ -148,7 +167,13 @@ sender_thread(void *arg)
     uint64_t i;
 
     for (i = 0; i < EVENTS; i++) {
-        bus_event *e = zt_event(i);
+        quota_wait qw = {s, i};
+        bus_event *e;
+        if (!bt_wait_for(quota_reached, &qw, 60000)) {
+            atomic_fetch_add(&s->bad_rv, 1);
+            return NULL;
+        }
+        e = zt_event(i);
         int rv = bus_broker_publish(s->b, "kill.n", e, 0, zt_ack_fn, &s->acks);
         if (rv != BUS_OK) {
             bus_event_unref(e);
@@ -185,13 +210,16 @@ test_receiver_killed_and_restarted_handles_every_event(void **state)
              "&block_timeout_ms=-1",
              dir);
     s.b = zt_open(suri);
+    atomic_store(&s.quota, 2 * SHARE);
     assert_int_equal(pthread_create(&th, NULL, sender_thread, &s), 0);
     for (k = 1; k <= KILLS; k++) {
-        /* Each incarnation handles a share before it dies (KILLS + 2
-         * shares: events are left for the last one). */
-        lines_wait w = {file, file_lines(file) + EVENTS / (KILLS + 2)};
+        /* Each incarnation has at least a share to handle (what the
+         * quota allows beyond what came before it); it dies halfway,
+         * with events in flight. */
+        lines_wait w = {file, file_lines(file) + SHARE / 2};
         assert_true(bt_wait_for(lines_reached, &w, 30000));
         receiver_kill(&r); /* mid-stream: events in flight */
+        atomic_store(&s.quota, k == KILLS ? EVENTS : (k + 2) * SHARE);
         receiver_start(&r, uri, file);
     }
     assert_int_equal(pthread_join(th, NULL), 0);
