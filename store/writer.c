@@ -1299,6 +1299,28 @@ write_group(bus_store *s, store_req *g)
         flush = tail_emit(s, w->wb, head0) == BUS_OK;
     else if (head0 == w->indexed)
         w->flush_ids = false;
+    /* This group's fresh ids were judged against the runs before the
+     * flush: those not above the tail just written as runs would lie
+     * above the new watermark, below ids of the runs, without an 'e'
+     * record (which the recovery rightly calls corrupt, and the lookup
+     * would not find): they get their 'e' record instead. An id made by
+     * one thread just before another's can be appended after it. */
+    if (flush && w->n_tail > 0) {
+        const bus_uuid *top = &w->tail[w->n_tail - 1].id;
+        uint8_t idk[STORE_IDK_LEN], pk[8];
+
+        for (i = 0; i < w->n_pids; i++) {
+            store_pid *p = &w->pids[i];
+            if (!p->fresh || memcmp(p->id.b, top->b, 16) > 0)
+                continue;
+            p->fresh = false;
+            store_key_id(idk, STORE_IDK_EXC, &p->id);
+            store_put_be64(pk, p->pos);
+            rocksdb_writebatch_put_cf(w->wb, s->cf[CF_IDS],
+                                      (const char *)idk, sizeof(idk),
+                                      (const char *)pk, 8);
+        }
+    }
 
     /* Policy records, once per touched stream whose policy changed. */
     for (i = 0; i < w->n_touched; i++) {

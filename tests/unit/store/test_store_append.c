@@ -159,6 +159,44 @@ assert_retry_is_duplicate(bus_store *s, const char *stream, bus_event *e,
  * writer's tail before that), other ids one by one: a retry finds its
  * original wherever it is, before and after a reopen, and after a reopen
  * that had to rebuild the tail from the log. */
+/* An id made before another but appended after it (two appenders), in
+ * the group that turns the tail into runs: it must get an 'e' record.
+ * Regression: it was left above the new watermark, below ids of the
+ * runs, so the next open after a kill refused the store as corrupt. */
+static void
+test_older_id_in_the_flushing_group_is_indexed(void **state)
+{
+    st_fix *f = *state;
+    bus_store_append_result r;
+    bus_store_verify_report rep;
+    bus_event *older = st_ev("t", "older"), *e = st_ev("t", "newer");
+    char err[256] = "";
+    int i;
+
+    assert_int_equal(bus_store_append(f->s, "a", BUS_STORE_ANY, &e, 1, &r),
+                     BUS_OK);
+    bus_event_unref(e);
+    /* 1 + 512 positions: the next group flushes the tail (512 apart). */
+    for (i = 0; i < 8; i++)
+        assert_int_equal(st_append_n(f->s, "b", BUS_STORE_ANY, "t", 64, NULL),
+                         BUS_OK);
+    assert_int_equal(
+        bus_store_append(f->s, "c", BUS_STORE_ANY, &older, 1, &r), BUS_OK);
+    assert_false(r.duplicate);
+    assert_int_equal(bus_store_verify(f->s, &rep, err, sizeof(err)), BUS_OK);
+    if (rep.problems != 0)
+        fail_msg("verify: %s", err);
+    /* Found again as a duplicate, before and after a reopen. */
+    assert_int_equal(
+        bus_store_append(f->s, "c", BUS_STORE_ANY, &older, 1, &r), BUS_OK);
+    assert_true(r.duplicate);
+    st_reopen(f);
+    assert_int_equal(
+        bus_store_append(f->s, "c", BUS_STORE_ANY, &older, 1, &r), BUS_OK);
+    assert_true(r.duplicate);
+    bus_event_unref(older);
+}
+
 static void
 test_idempotence_across_id_runs_tail_and_stale_ids(void **state)
 {
@@ -665,6 +703,7 @@ main(void)
         T(test_empty_append_checks_expected_only),
         T(test_idempotent_retry_returns_original),
         T(test_idempotence_across_id_runs_tail_and_stale_ids),
+        T(test_older_id_in_the_flushing_group_is_indexed),
         T(test_multi_stream_append_is_all_or_nothing),
         T(test_transaction_commits_state_and_appends_together),
         T(test_scan_walks_a_prefix),
