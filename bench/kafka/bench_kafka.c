@@ -18,9 +18,13 @@
  *   producer would not know what Kafka has); flush at the end. Also
  *   shown: raw with no headers at all (value and key only), for scale.
  * - consume, ours: a bus context with one inline subscription counting
- *   events, on a group-less subscription from the beginning; each record
- *   becomes an event (headers parsed, payload copied), is tracked for
- *   acks, handed to the bus and acked by the handler.
+ *   events (BUS_DISPATCH_INLINE: the handler runs on the broker's
+ *   consumer thread, which is what a user after throughput picks for a
+ *   cheap handler; BUS_BENCH_KAFKA_DISPATCH=queued measures the default,
+ *   a bus worker behind a ring), on a group-less subscription from the
+ *   beginning; each record becomes an event (headers parsed, payload
+ *   copied), is tracked for acks, handed to the bus and acked by the
+ *   handler. The output says which dispatch ran.
  * - consume, raw: a consumer that looks the topic up (as our subscribe
  *   does), is assigned the same partitions from the beginning, then
  *   rd_kafka_consumer_poll and rd_kafka_message_destroy. Also shown: raw
@@ -42,6 +46,8 @@
  * interleaved (produce: ROUNDS + 2, it is the most sensitive to the load
  * of a shared machine). BUS_BENCH_SCALE scales the counts;
  * BUS_BENCH_KAFKA_ONLY=produce|consume|latency runs one part;
+ * BUS_BENCH_KAFKA_SIDE=ours|raw|hdr|none runs one consumer side only (to
+ * profile it: perf stat/record the whole run; "none" is the fill alone);
  * BUS_BENCH_VERBOSE=1 prints every round.
  */
 #include <stdatomic.h>
@@ -377,6 +383,11 @@ count_handler(bus_delivery *d, void *opaque)
     return BUS_ACK;
 }
 
+/* INLINE (the handler on the broker's consumer thread) is what a
+ * throughput-minded user picks for a cheap handler; BUS_BENCH_KAFKA_DISPATCH
+ * =queued measures the default (a bus worker thread, through its ring). */
+static bus_dispatch consume_dispatch = BUS_DISPATCH_INLINE;
+
 static double
 consume_ours(uint64_t n)
 {
@@ -392,7 +403,7 @@ consume_ours(uint64_t n)
         bus_ctx_attach(ctx, b, NULL) != BUS_OK)
         die("ctx", "open");
     bus_sub_config_init(&sc);
-    sc.dispatch = BUS_DISPATCH_INLINE;
+    sc.dispatch = consume_dispatch;
     t0 = bench_now_ns();
     if (bus_subscribe(ctx, filled, count_handler, &c, &sc, NULL) != BUS_OK)
         die("subscribe", filled);
@@ -618,7 +629,7 @@ main(void)
     double po = 0, pa = 0, pr = 0, pm = 0, co = 0, cr = 0, ch = 0;
     double o50, o99, r50, r99;
     bus_broker *owner;
-    const char *only;
+    const char *only, *side = NULL;
     char err[256];
     int r;
 
@@ -655,14 +666,33 @@ main(void)
         bench_row("  same, vs raw without headers", "M ev/s", po, pm, NULL, 0);
     }
 
-    if (want(only, "consume"))
-        fill_topic(nc);
-    for (r = 0; r < ROUNDS && want(only, "consume"); r++) {
-        co = max2(co, consume_ours(nc));
-        cr = max2(cr, consume_raw(nc, false));
-        ch = max2(ch, consume_raw(nc, true));
-    }
+    if (getenv("BUS_BENCH_KAFKA_DISPATCH") != NULL &&
+        strcmp(getenv("BUS_BENCH_KAFKA_DISPATCH"), "queued") == 0)
+        consume_dispatch = BUS_DISPATCH_QUEUED;
     if (want(only, "consume")) {
+        printf("consume: ours through a bus context, %s subscription\n",
+               consume_dispatch == BUS_DISPATCH_INLINE
+                   ? "inline (handler on the consumer thread)"
+                   : "queued (handler on a bus worker)");
+        fill_topic(nc);
+    }
+    /* BUS_BENCH_KAFKA_SIDE=ours|raw|hdr|none runs one consumer only (to
+     * profile one side: perf stat/record the whole run, "none" for the
+     * cost of the fill). */
+    side = getenv("BUS_BENCH_KAFKA_SIDE");
+    for (r = 0; r < ROUNDS && want(only, "consume"); r++) {
+        if (side == NULL || strcmp(side, "ours") == 0)
+            co = max2(co, consume_ours(nc));
+        if (side == NULL || strcmp(side, "raw") == 0)
+            cr = max2(cr, consume_raw(nc, false));
+        if (side == NULL || strcmp(side, "hdr") == 0)
+            ch = max2(ch, consume_raw(nc, true));
+    }
+    if (want(only, "consume") && side != NULL) {
+        printf("consume (%s only): ours %.2f, raw poll %.2f, raw reading "
+               "the headers %.2f M ev/s\n",
+               side, co, cr, ch);
+    } else if (want(only, "consume")) {
         bench_row("consume 100-byte events, handled+acked (vs raw poll)",
                   "M ev/s", co, cr, ">= 0.80x raw throughput", co >= 0.80 * cr);
         bench_row("  same, vs raw reading the headers", "M ev/s", co, ch, NULL,

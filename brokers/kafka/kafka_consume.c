@@ -20,6 +20,15 @@
  *   (rd_kafka_offsets_store, which stores exactly what it is given: the
  *   next offset to read) and librdkafka's auto-commit commits them. So no
  *   offset is ever committed past a record whose handling did not finish.
+ * - Hand-over cost: records of one partition that librdkafka returns
+ *   together (a run in one rd_kafka_consume_batch_queue batch) and that
+ *   have a single target go through kafka_process_run: one lock round per
+ *   record (the round after a call also pushes the next record on the
+ *   tracker), and the acks an inline handler gives during a call are
+ *   deferred to that round (c->deferring) instead of taking the lock
+ *   each. Records are converted one at a time (never a batch of events
+ *   alive at once), so glibc's thread cache reuses librdkafka's header
+ *   list and our event memory record after record.
  * - Backpressure: when a target refuses a record (its queue full, or its
  *   tracker at max.inflight), the thread retries for up to a millisecond
  *   (bus workers drain fast), then keeps the record ("held") for the
@@ -86,6 +95,11 @@
 
 /* The consumer whose thread this is (NULL elsewhere). */
 static _Thread_local kafka_cons *kafka_tl_cons;
+
+static void kafka_ack_locked(kafka_cons *c, kafka_sub *s, uint64_t token,
+                             bus_result res);
+static void kafka_on_message(kafka_cons *c, rd_kafka_message_t *m);
+static void kafka_apply_defacks(kafka_cons *c);
 
 static uint64_t
 kafka_token(const kafka_part *p, int64_t off)
@@ -561,6 +575,7 @@ kafka_offer(kafka_cons *c, kafka_part *p, kafka_sub *s, bus_event *ev,
     }
     c->calling = s;
     bus__mutex_unlock(&c->mtx);
+    c->deferring = s;
 
     bus_event_ref(ev); /* the bus's, if it takes it */
     for (;;) {
@@ -579,6 +594,7 @@ kafka_offer(kafka_cons *c, kafka_part *p, kafka_sub *s, bus_event *ev,
 
     bus__mutex_lock(&c->mtx);
     c->calling = NULL;
+    kafka_apply_defacks(c);
     if (c->calling_waiters > 0)
         bus__cond_broadcast(&c->cond); /* an unsubscribe waits for it */
     if (rv != BUS_OK) {
@@ -732,6 +748,181 @@ kafka_process(kafka_cons *c, kafka_part *p, rd_kafka_message_t *msg)
     }
     rd_kafka_message_destroy(msg);
     return kafka_fanout(c, p, ev, off, NULL, 0);
+}
+
+/* The only target of p's records, with a reference, or NULL when there
+ * are none or several (the general path handles those). @locks c->mtx. */
+static kafka_sub *
+kafka_single_target(kafka_cons *c, kafka_part *p)
+{
+    kafka_sub *s;
+
+    if (p->n_subs == 0 || (c->group == NULL && p->n_subs != 1))
+        return NULL;
+    s = p->subs[c->group != NULL ? (uint32_t)p->partition % p->n_subs : 0];
+    s->refs++;
+    return s;
+}
+
+/* Converts msg (taken on success). @thread the consumer's. */
+static bool
+kafka_convert(kafka_cons *c, kafka_part *p, rd_kafka_message_t *msg,
+              bus_event **ev)
+{
+    if ((uint64_t)msg->offset > KAFKA_OFFSET_MASK ||
+        kafka_record_event(c->kb, p, msg, ev) != BUS_OK)
+        return false; /* the per-record path holds it */
+    rd_kafka_message_destroy(msg);
+    return true;
+}
+
+/* Converts and hands over a run of records of p (msgs[0..n), consecutive
+ * in one librdkafka batch) to p's single target, with one lock round per
+ * record instead of four: the round after a record's call also pushes the
+ * next record on the tracker (converted meanwhile, outside the lock) and
+ * applies the acks an inline handler gave during the call. One record at
+ * a time, so that librdkafka's header list and our event are freed before
+ * the next are allocated (glibc reuses them from its thread cache).
+ * Returns how many records it took (0: none, use the per-record path for
+ * msgs[0]). A refused record is held as kafka_fanout holds it; a record
+ * this cannot take (no room, target gone, conversion failed) ends the run
+ * and goes to the per-record path. @thread the consumer's. */
+static uint32_t
+kafka_process_run(kafka_cons *c, kafka_part *p, rd_kafka_message_t **msgs,
+                  uint32_t n)
+{
+    bus_event *cur, *nxt;
+    int64_t off = msgs[0]->offset, noff;
+    uint32_t taken = 1, delivered = 0;
+    kafka_sub *s, *gone = NULL;
+    uint64_t t0;
+    kt *t;
+    int rv;
+
+    if (p->btopic == NULL || !kafka_convert(c, p, msgs[0], &cur))
+        return 0;
+    bus__mutex_lock(&c->mtx);
+    if ((s = kafka_single_target(c, p)) == NULL) {
+        bus__mutex_unlock(&c->mtx);
+        (void)kafka_fanout(c, p, cur, off, NULL, 0);
+        return taken;
+    }
+    if ((t = kafka_sub_trk(c, s, p->slot)) == NULL || t->n >= t->max ||
+        kt_push(t, off, cur) != BUS_OK) {
+        s->refs--; /* p->subs holds one too: never the last */
+        bus__mutex_unlock(&c->mtx);
+        (void)kafka_fanout(c, p, cur, off, NULL, 0); /* holds it */
+        return taken;
+    }
+    /* The tracker took our reference. It keeps cur alive through the
+     * call: an ack can only come once the bus took cur (with a reference
+     * of its own), unsubscribe waits for calling to clear before it
+     * empties trackers, and revocations run on this thread. After an
+     * accepted call cur is not touched again; after a refusal the
+     * reference the bus did not take is ours. */
+    c->calling = s;
+    bus__mutex_unlock(&c->mtx);
+    for (;;) {
+        c->deferring = s;
+        bus_event_ref(cur); /* the bus's, if it takes it */
+        for (t0 = 0;;) {
+            rv = s->fn(s->opaque, p->btopic, cur, kafka_token(p, off),
+                       BUS_PUB_NONBLOCK);
+            if (rv != BUS_EAGAIN)
+                break;
+            /* A full queue usually drains within a moment: retry briefly
+             * before paying for a pause and a refetch. */
+            if (t0 == 0)
+                t0 = kafka_now();
+            else if (kafka_now() - t0 > KAFKA_SPIN_NS)
+                break;
+            bus__thread_yield();
+        }
+        nxt = NULL;
+        noff = taken < n ? msgs[taken]->offset : -1;
+        if (rv == BUS_OK && taken < n && kafka_convert(c, p, msgs[taken], &nxt))
+            taken++;
+
+        bus__mutex_lock(&c->mtx);
+        c->calling = NULL;
+        kafka_apply_defacks(c);
+        if (c->calling_waiters > 0)
+            bus__cond_broadcast(&c->cond); /* an unsubscribe waits for it */
+        if (rv != BUS_OK) {
+            /* No handler saw it. The reference the bus did not take is
+             * ours now (for the hold); the tracker drops its own. */
+            (void)kt_cancel_last(t, NULL);
+            bus__mutex_unlock(&c->mtx);
+            break;
+        }
+        delivered++;
+        if (p->assigned && !p->revoking && off + 1 > p->next) {
+            p->next = off + 1;
+            kafka_mark_dirty(c, p);
+        }
+        cur = NULL; /* the tracker's and the bus's now */
+        if (nxt != NULL && !s->dead && t->n < t->max &&
+            kt_push(t, noff, nxt) == BUS_OK) {
+            c->calling = s;
+            bus__mutex_unlock(&c->mtx);
+            cur = nxt;
+            off = noff;
+            continue;
+        }
+        if (--s->refs == 0)
+            gone = s;
+        bus__mutex_unlock(&c->mtx);
+        break;
+    }
+    atomic_fetch_add_explicit(&c->kb->st_delivered, delivered,
+                              memory_order_relaxed);
+    if (gone != NULL)
+        kafka_sub_free(gone);
+    if (cur != NULL) {
+        /* Refused: kept for s (its reference goes to the hold), the
+         * partition paused. */
+        atomic_fetch_add_explicit(&c->kb->st_refused, 1, memory_order_relaxed);
+        kafka_hold(c, p, cur, NULL, off, &s, 1);
+    } else if (nxt != NULL) {
+        (void)kafka_fanout(c, p, nxt, noff, NULL, 0); /* the general path */
+    }
+    return taken;
+}
+
+/* Hands over a batch of messages (taken): runs of one partition go
+ * through kafka_process_run, the rest through kafka_on_message. */
+static void
+kafka_on_batch(kafka_cons *c, rd_kafka_message_t **msgs, uint32_t n)
+{
+    uint32_t i = 0, j;
+
+    while (i < n) {
+        rd_kafka_message_t *m = msgs[i];
+        kafka_part *p = c->last_part;
+        for (j = i + 1;
+             m->err == RD_KAFKA_RESP_ERR_NO_ERROR && j < n &&
+             msgs[j]->err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+             msgs[j]->rkt == m->rkt && msgs[j]->partition == m->partition;
+             j++)
+            ;
+        if (j - i >= 2) {
+            const char *ktopic = rd_kafka_topic_name(m->rkt);
+            if (p == NULL || p->partition != m->partition ||
+                strcmp(p->ktopic, ktopic) != 0)
+                p = kafka_part_find(c, ktopic, m->partition);
+            if (p != NULL && p->assigned && !p->revoking && p->held == NULL &&
+                p->held_msg == NULL) {
+                uint32_t took;
+                c->last_part = p;
+                if ((took = kafka_process_run(c, p, msgs + i, j - i)) > 0) {
+                    i += took;
+                    continue;
+                }
+            }
+        }
+        kafka_on_message(c, msgs[i]);
+        i++;
+    }
 }
 
 /* Retries held records that are due (all of them when an ack freed
@@ -1465,8 +1656,7 @@ kafka_cons_thread(void *arg)
             ssize_t k =
                 rd_kafka_consume_batch_queue(c->q, 0, batch, KAFKA_BATCH);
             got = k > 0 ? (int)k : 0;
-            for (k = 0; k < got; k++)
-                kafka_on_message(c, batch[k]);
+            kafka_on_batch(c, batch, (uint32_t)got);
             if (got == 0)
                 break;
         }
@@ -1941,45 +2131,20 @@ kafka_unsubscribe(void *priv, void *handle)
         kafka_reap(kb, false);
 }
 
-void
-kafka_ack(void *priv, void *handle, uint64_t token, bus_result res)
+/* Applies an outcome to s's tracker. @locks c->mtx. */
+static void
+kafka_ack_locked(kafka_cons *c, kafka_sub *s, uint64_t token, bus_result res)
 {
-    kafka_broker *kb = priv;
-    kafka_sub *s = handle;
+    kafka_broker *kb = c->kb;
     uint64_t slot = token >> KAFKA_OFFSET_BITS;
     int64_t off = (int64_t)(token & KAFKA_OFFSET_MASK);
     bool wake = false;
-    kafka_cons *c;
     kafka_part *p;
     kt *t;
 
-    if (slot == 0)
-        return;
-    if (kafka_tl_cons != NULL && kafka_tl_cons->calling == s &&
-        kafka_tl_cons == s->cons) {
-        /* An inline handler acking during its own delivery: the thread
-         * pins s (calling), so the registry need not vouch for it. */
-        c = s->cons;
-        bus__mutex_lock(&c->mtx);
-        if (s->dead) {
-            bus__mutex_unlock(&c->mtx);
-            return;
-        }
-    } else {
-        bus__mutex_lock(&kb->smtx);
-        if (!kafka_reg_has(kb, s)) {
-            bus__mutex_unlock(&kb->smtx);
-            return; /* unsubscribed: its records were not committed */
-        }
-        c = s->cons;
-        bus__mutex_lock(&c->mtx);
-        bus__mutex_unlock(&kb->smtx);
-    }
-    if (slot > c->n_parts || slot > s->n_trk ||
-        !(p = c->parts[slot - 1])->assigned) {
-        bus__mutex_unlock(&c->mtx);
-        return; /* released since: the next owner redelivers it */
-    }
+    if (s->dead || slot > c->n_parts || slot > s->n_trk ||
+        !(p = c->parts[slot - 1])->assigned)
+        return; /* gone, or released since: the next owner redelivers it */
     t = &s->trk[slot - 1];
     if (res == BUS_RETRY && !p->revoking &&
         !atomic_load_explicit(&c->stop, memory_order_relaxed)) {
@@ -2030,6 +2195,54 @@ kafka_ack(void *priv, void *handle, uint64_t token, bus_result res)
         bus__cond_broadcast(&c->cond);
     if (wake)
         kafka_cons_wake(c); /* only signals: safe under our lock */
+}
+
+/* Applies the acks deferred during a call of c->deferring's deliver
+ * function and stops deferring. @locks c->mtx, @thread the consumer's. */
+static void
+kafka_apply_defacks(kafka_cons *c)
+{
+    kafka_sub *s = c->deferring;
+    uint32_t i;
+
+    c->deferring = NULL;
+    for (i = 0; i < c->n_defacks; i++)
+        kafka_ack_locked(c, s, c->defacks[i].token, c->defacks[i].res);
+    c->n_defacks = 0;
+}
+
+void
+kafka_ack(void *priv, void *handle, uint64_t token, bus_result res)
+{
+    kafka_broker *kb = priv;
+    kafka_sub *s = handle;
+    kafka_cons *c, *tc = kafka_tl_cons;
+
+    if ((token >> KAFKA_OFFSET_BITS) == 0)
+        return;
+    if (tc != NULL && tc->calling == s && tc == s->cons) {
+        /* An inline handler acking during its own delivery: the thread
+         * pins s (calling), so the registry need not vouch for it; the
+         * thread applies the ack in the lock round after the call. */
+        c = tc;
+        if (c->deferring == s && c->n_defacks < KAFKA_DEFACKS) {
+            c->defacks[c->n_defacks].token = token;
+            c->defacks[c->n_defacks].res = res;
+            c->n_defacks++;
+            return;
+        }
+        bus__mutex_lock(&c->mtx);
+    } else {
+        bus__mutex_lock(&kb->smtx);
+        if (!kafka_reg_has(kb, s)) {
+            bus__mutex_unlock(&kb->smtx);
+            return; /* unsubscribed: its records were not committed */
+        }
+        c = s->cons;
+        bus__mutex_lock(&c->mtx);
+        bus__mutex_unlock(&kb->smtx);
+    }
+    kafka_ack_locked(c, s, token, res);
     bus__mutex_unlock(&c->mtx);
 }
 

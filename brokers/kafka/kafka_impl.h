@@ -34,6 +34,7 @@
 #define KAFKA_OFFSET_BITS 48 /* token = (slot + 1) << 48 | offset */
 #define KAFKA_OFFSET_MASK ((UINT64_C(1) << KAFKA_OFFSET_BITS) - 1)
 #define KAFKA_MAX_SLOTS 65535u /* partitions one consumer can track */
+#define KAFKA_DEFACKS 16       /* acks deferred during one call */
 
 typedef struct kafka_broker kafka_broker;
 typedef struct kafka_cons kafka_cons;
@@ -160,6 +161,15 @@ struct kafka_cons {
     uint32_t n_held;
     kafka_sub **targets; /* scratch for one record's targets */
     uint32_t cap_targets;
+    /* Acks an inline handler gives on this thread while its deliver
+     * function is called (for deferring), applied in the lock round that
+     * follows the call instead of one lock round each. */
+    kafka_sub *deferring;
+    struct kafka_defack {
+        uint64_t token;
+        bus_result res;
+    } defacks[KAFKA_DEFACKS];
+    uint32_t n_defacks;
 };
 
 struct kafka_mock {

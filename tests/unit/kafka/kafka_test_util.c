@@ -77,6 +77,8 @@ kt_rec_deliver(void *opaque, const char *topic, bus_event *ev, uint64_t token,
     kt_item *it;
 
     (void)flags;
+    if (atomic_load(&r->refuse_from_call) == calls)
+        atomic_store(&r->refuse, 1 << 30);
     if (atomic_load(&r->refuse) > 0) {
         atomic_fetch_sub(&r->refuse, 1);
         atomic_fetch_add(&r->refused, 1);

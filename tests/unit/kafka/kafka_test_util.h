@@ -50,6 +50,8 @@ typedef struct kt_rec {
     void *handle;
     bus_result inline_result;
     _Atomic int unsubscribe_in_call; /* > 0: unsubscribe self on that call */
+    _Atomic int refuse_from_call;    /* > 0: from that call on, refuse
+                                      * until refuse is set to 0 */
 } kt_rec;
 
 void kt_rec_init(kt_rec *r, bus_broker *b, kt_mode mode);

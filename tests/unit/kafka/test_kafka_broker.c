@@ -680,6 +680,59 @@ test_refused_deliveries_pause_and_lose_nothing(void **state)
     bus_broker_close(b);
 }
 
+/* Records fetched together are handed over as a run (one lock round per
+ * record, inline acks applied after each call): a refusal in the middle
+ * of a run holds that record and drops the rest of the run for a refetch,
+ * and inline acks still move the commit position. Nothing is lost or
+ * repeated, order is kept. */
+static void
+test_refusal_in_the_middle_of_a_run(void **state)
+{
+    char topic[64], group[64], uri[256];
+    rd_kafka_mock_cluster_t *mc = mock_cluster();
+    bus_broker_kafka_stats st;
+    commit_want cw;
+    bus_broker *b;
+    kt_rec r;
+    size_t i;
+
+    (void)state;
+    kt_unique(topic, sizeof(topic), "run");
+    kt_unique(group, sizeof(group), "g");
+    assert_int_equal(rd_kafka_mock_topic_create(mc, topic, 1, 3),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    snprintf(uri, sizeof(uri), MOCK "?" FAST);
+    b = kt_open(uri);
+    /* Published before the subscription: fetched in large batches. */
+    for (i = 0; i < 500; i++) {
+        char payload[16];
+        snprintf(payload, sizeof(payload), "%zu", i);
+        kt_publish(b, topic, "t.x", "s", payload);
+    }
+    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
+    kt_rec_init(&r, b, KT_ACK_INLINE);
+    atomic_store(&r.refuse_from_call, 150);
+    kt_rec_sub(&r, topic, group);
+    assert_true(kt_wait(pauses_at_least_one, b, DEADLINE_MS));
+    assert_int_equal(kt_rec_count(&r), 149);
+    atomic_store(&r.refuse, 0);
+    assert_true(kt_rec_wait(&r, 500, DEADLINE_MS));
+    for (i = 0; i < 500; i++)
+        assert_int_equal(item_off(&r, i), (int64_t)i);
+    cw.group = group;
+    cw.topic = topic;
+    cw.partition = 0;
+    cw.want = 500;
+    assert_true(kt_wait(commit_is, &cw, DEADLINE_MS));
+    assert_int_equal(bus_broker_kafka_stats_get(b, &st), BUS_OK);
+    assert_true(st.refused >= 1);
+    assert_int_equal(st.delivered, 500);
+    bus__broker_unsubscribe(b, r.handle);
+    assert_int_equal(kt_rec_count(&r), 500);
+    kt_rec_free(&r);
+    bus_broker_close(b);
+}
+
 static void
 test_max_inflight_bounds_unfinished_deliveries(void **state)
 {
@@ -1001,6 +1054,7 @@ main(void)
         cmocka_unit_test(test_group_commits_only_the_finished_prefix),
         cmocka_unit_test(test_retry_redelivers_and_unsubscribe_commits),
         cmocka_unit_test(test_refused_deliveries_pause_and_lose_nothing),
+        cmocka_unit_test(test_refusal_in_the_middle_of_a_run),
         cmocka_unit_test(test_max_inflight_bounds_unfinished_deliveries),
         cmocka_unit_test(test_unsubscribe_from_inside_a_delivery),
         cmocka_unit_test(test_delivery_errors_are_mapped),
