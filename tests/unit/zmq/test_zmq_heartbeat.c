@@ -23,11 +23,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "zmq_test_util.h"
-
-#ifndef ZMQ_KILL_HELPER
-#error "build with -DZMQ_KILL_HELPER=\"path of zmq_kill_receiver\""
-#endif
+#include "zmq_receiver_proc.h"
 
 #define HB_IVL_MS 100
 #define HB_TIMEOUT_MS 400
@@ -35,64 +31,6 @@
  * well below the 5 s handshake_ivl and the 60 s peer_timeout used here,
  * so a detection inside it is the heartbeat's. */
 #define HB_SLACK_MS 2500
-
-extern char **environ;
-
-/* The helper process: spawned with URI, READY once subscribed. */
-static pid_t
-helper_start(const char *uri, const char *file, int *in_fd)
-{
-    posix_spawn_file_actions_t fa;
-    int in[2], out[2];
-    char *argv[4], buf[64];
-    size_t got = 0;
-    uint64_t deadline = bt_now_ns() + 20000000000ull;
-    pid_t pid;
-
-    assert_int_equal(pipe(in), 0);
-    assert_int_equal(pipe(out), 0);
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_addclose(&fa, in[1]);
-    posix_spawn_file_actions_addclose(&fa, out[0]);
-    argv[0] = (char *)ZMQ_KILL_HELPER;
-    argv[1] = (char *)uri;
-    argv[2] = (char *)file;
-    argv[3] = NULL;
-    assert_int_equal(
-        posix_spawn(&pid, ZMQ_KILL_HELPER, &fa, NULL, argv, environ), 0);
-    posix_spawn_file_actions_destroy(&fa);
-    close(in[0]);
-    close(out[1]);
-    while (got < 6) {
-        struct pollfd p = {out[0], POLLIN, 0};
-        ssize_t n;
-        if (bt_now_ns() > deadline)
-            fail_msg("helper did not start");
-        if (poll(&p, 1, 100) <= 0)
-            continue;
-        n = read(out[0], buf + got, sizeof(buf) - 1 - got);
-        if (n <= 0)
-            fail_msg("helper exited before READY");
-        got += (size_t)n;
-    }
-    buf[got] = '\0';
-    assert_non_null(strstr(buf, "READY"));
-    close(out[0]);
-    *in_fd = in[1];
-    return pid;
-}
-
-static void
-helper_kill(pid_t pid, int in_fd)
-{
-    int st;
-
-    assert_int_equal(kill(pid, SIGKILL), 0); /* also ends a SIGSTOP */
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    close(in_fd);
-}
 
 static int
 unhealthy(void *arg)
@@ -113,14 +51,13 @@ test_a_peer_finds_its_frozen_hub_within_heartbeat_timeout(void **state)
     char uri[512], puri[700], file[512];
     bus_broker *peer;
     uint64_t t0, ms;
-    pid_t hub;
-    int in;
+    receiver hub;
 
     (void)state;
     assert_non_null(dir);
     snprintf(uri, sizeof(uri), "zmq+ipc://%s/hub.sock?mode=reliable", dir);
     snprintf(file, sizeof(file), "%s/handled.txt", dir);
-    hub = helper_start(uri, file, &in);
+    receiver_start(&hub, uri, file);
     snprintf(puri, sizeof(puri),
              "zmq+ipc://%s/hub.sock?mode=reliable&bind=0&heartbeat_ivl=%d"
              "&heartbeat_timeout=%d&peer_timeout=60000",
@@ -128,7 +65,7 @@ test_a_peer_finds_its_frozen_hub_within_heartbeat_timeout(void **state)
     peer = zt_open(puri);
     assert_true(bt_wait_for(healthy, peer, ZT_WAIT_MS));
 
-    assert_int_equal(kill(hub, SIGSTOP), 0);
+    assert_int_equal(kill(hub.pid, SIGSTOP), 0);
     t0 = bt_now_ns();
     assert_true(bt_wait_for(unhealthy, peer, HB_TIMEOUT_MS + HB_SLACK_MS));
     ms = (bt_now_ns() - t0) / 1000000u;
@@ -137,7 +74,7 @@ test_a_peer_finds_its_frozen_hub_within_heartbeat_timeout(void **state)
     assert_true(ms <= HB_TIMEOUT_MS + HB_SLACK_MS);
 
     bus_broker_close(peer);
-    helper_kill(hub, in);
+    receiver_kill(&hub);
     bt_rmtree(dir);
     free(dir);
 }
@@ -150,8 +87,7 @@ test_a_hub_drops_its_frozen_peer_within_heartbeat_timeout(void **state)
     bus_broker *hub;
     zt_acks a = {0};
     uint64_t t0, ms;
-    pid_t peer;
-    int in;
+    receiver peer;
 
     (void)state;
     assert_non_null(dir);
@@ -164,7 +100,7 @@ test_a_hub_drops_its_frozen_peer_within_heartbeat_timeout(void **state)
              dir);
     snprintf(file, sizeof(file), "%s/handled.txt", dir);
     hub = zt_open(uri);
-    peer = helper_start(puri, file, &in); /* READY: its pattern is in */
+    receiver_start(&peer, puri, file); /* READY: its pattern is in */
 
     /* The peer handles and acks while it runs. */
     assert_int_equal(
@@ -173,7 +109,7 @@ test_a_hub_drops_its_frozen_peer_within_heartbeat_timeout(void **state)
 
     /* Frozen: the event waits for its ack until the heartbeat closes the
      * connection and the hub drops the peer. */
-    assert_int_equal(kill(peer, SIGSTOP), 0);
+    assert_int_equal(kill(peer.pid, SIGSTOP), 0);
     t0 = bt_now_ns();
     assert_int_equal(
         bus_broker_publish(hub, "hb.x", zt_event(2), 0, zt_ack_fn, &a), BUS_OK);
@@ -186,7 +122,7 @@ test_a_hub_drops_its_frozen_peer_within_heartbeat_timeout(void **state)
     assert_int_equal(atomic_load(&a.failed), 0);
 
     bus_broker_close(hub);
-    helper_kill(peer, in);
+    receiver_kill(&peer);
     bt_rmtree(dir);
     free(dir);
 }
