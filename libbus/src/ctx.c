@@ -1559,17 +1559,6 @@ bus_ctx_close(bus_ctx *ctx)
 static int
 ctx_link_broker(bus_sub *s, bus_broker *b, const char *route);
 
-/* Appends mw (built with result rv) to c; frees its state on failure. */
-static int
-ctx_chain_add(bus_chain *c, int rv, bus_middleware *mw)
-{
-    if (rv != BUS_OK)
-        return rv;
-    if ((rv = bus_chain_append(c, mw)) != BUS_OK && mw->free_state != NULL)
-        mw->free_state(mw->state);
-    return rv;
-}
-
 /* Appends src's middlewares to c, not owning their states (src's owner
  * frees them). */
 static int
@@ -1604,7 +1593,7 @@ ctx_sub_pipeline(bus_ctx *ctx, bus_sub *s, const bus_sub_config *c)
         if ((rv = bus_chain_new(&s->outer)) != BUS_OK)
             return rv;
         if (ctx->cfg.metrics != NULL)
-            rv = ctx_chain_add(s->outer,
+            rv = bus__chain_add(s->outer,
                                bus_mw_metrics(&mw, ctx->cfg.metrics, s->name),
                                &mw);
         if (rv == BUS_OK)
@@ -1632,7 +1621,7 @@ ctx_sub_pipeline(bus_ctx *ctx, bus_sub *s, const bus_sub_config *c)
             s->breaker = p.breaker;
             s->pclock = p.clock;
             s->can_defer = p.defer != NULL;
-            rv = ctx_chain_add(s->inner, bus_mw_policy(&mw, &p), &mw);
+            rv = bus__chain_add(s->inner, bus_mw_policy(&mw, &p), &mw);
         }
         if (rv == BUS_OK)
             rv = ctx_chain_copy(s->inner, c->chain);
@@ -1643,7 +1632,7 @@ ctx_sub_pipeline(bus_ctx *ctx, bus_sub *s, const bus_sub_config *c)
                     ctx->cfg.metrics, "bus_handler_overruns_total",
                     "Handler calls that ran past their deadline.", &l, 1,
                     &s->overruns); /* none on failure: logged only */
-            rv = ctx_chain_add(s->inner,
+            rv = bus__chain_add(s->inner,
                                bus_mw_deadline(&mw, c->deadline_ms,
                                                &ctx->cfg.log, s->overruns,
                                                c->policy ? &c->policy->clock

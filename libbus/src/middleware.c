@@ -809,14 +809,41 @@ bus_stack_config_init(bus_stack_config *cfg)
     cfg->size = sizeof(*cfg);
 }
 
-static int
-stack_add(bus_chain *c, int rv, bus_middleware *mw)
+int
+bus__chain_add(bus_chain *c, int rv, bus_middleware *mw)
 {
     if (rv != BUS_OK)
         return rv;
-    if ((rv = bus_chain_append(c, mw)) != BUS_OK && mw->free_state)
+    if ((rv = bus_chain_append(c, mw)) != BUS_OK && mw->free_state != NULL)
         mw->free_state(mw->state);
     return rv;
+}
+
+/* The stacks' failure policy: cfg's (or the defaults), with cfg's breaker
+ * and logger where it has none. */
+static void
+stack_policy(const bus_stack_config *cfg, bus_failure_policy *p)
+{
+    if (cfg->policy != NULL)
+        *p = *cfg->policy;
+    else
+        bus_failure_policy_init(p);
+    if (cfg->breaker != NULL)
+        p->breaker = cfg->breaker;
+    if (p->log.fn == NULL)
+        p->log = cfg->log;
+}
+
+/* Ends a stack constructor: *out gets c, or c is freed on failure. */
+static int
+stack_done(bus_chain *c, int rv, bus_chain **out)
+{
+    if (rv != BUS_OK) {
+        bus_chain_free(c);
+        return rv;
+    }
+    *out = c;
+    return BUS_OK;
 }
 
 int
@@ -835,22 +862,15 @@ bus_stack_production(bus_chain **out, const bus_stack_config *cfg)
     }
     if ((rv = bus_chain_new(&c)) != BUS_OK)
         return rv;
-    rv = stack_add(c, bus_mw_tracing(&mw), &mw);
+    rv = bus__chain_add(c, bus_mw_tracing(&mw), &mw);
     if (rv == BUS_OK && cfg->metrics != NULL)
-        rv = stack_add(c, bus_mw_metrics(&mw, cfg->metrics, cfg->subscription),
+        rv = bus__chain_add(c, bus_mw_metrics(&mw, cfg->metrics, cfg->subscription),
                        &mw);
     if (rv == BUS_OK && cfg->dedup != NULL)
-        rv = stack_add(c, bus_mw_dedup(&mw, cfg->dedup), &mw);
+        rv = bus__chain_add(c, bus_mw_dedup(&mw, cfg->dedup), &mw);
     if (rv == BUS_OK) {
-        if (cfg->policy != NULL)
-            p = *cfg->policy;
-        else
-            bus_failure_policy_init(&p);
-        if (cfg->breaker != NULL)
-            p.breaker = cfg->breaker;
-        if (p.log.fn == NULL)
-            p.log = cfg->log;
-        rv = stack_add(c, bus_mw_policy(&mw, &p), &mw);
+        stack_policy(cfg, &p);
+        rv = bus__chain_add(c, bus_mw_policy(&mw, &p), &mw);
     }
     if (rv == BUS_OK && cfg->ratelimit != NULL) {
         bus_mw_ratelimit_config rc;
@@ -859,20 +879,15 @@ bus_stack_production(bus_chain **out, const bus_stack_config *cfg)
         rc.mode = cfg->ratelimit_mode;
         if (cfg->policy != NULL)
             rc.clock = cfg->policy->clock;
-        rv = stack_add(c, bus_mw_ratelimit(&mw, &rc), &mw);
+        rv = bus__chain_add(c, bus_mw_ratelimit(&mw, &rc), &mw);
     }
     if (rv == BUS_OK && cfg->deadline_ms > 0)
-        rv = stack_add(c,
+        rv = bus__chain_add(c,
                        bus_mw_deadline(&mw, cfg->deadline_ms, &cfg->log, NULL,
                                        cfg->policy ? &cfg->policy->clock
                                                    : NULL),
                        &mw);
-    if (rv != BUS_OK) {
-        bus_chain_free(c);
-        return rv;
-    }
-    *out = c;
-    return BUS_OK;
+    return stack_done(c, rv, out);
 }
 
 int
@@ -891,27 +906,20 @@ bus_stack_development(bus_chain **out, const bus_stack_config *cfg)
     }
     if ((rv = bus_chain_new(&c)) != BUS_OK)
         return rv;
-    rv = stack_add(c, bus_mw_tracing(&mw), &mw);
+    rv = bus__chain_add(c, bus_mw_tracing(&mw), &mw);
     if (rv == BUS_OK)
-        rv = stack_add(c, bus_mw_logging(&mw, &cfg->log), &mw);
+        rv = bus__chain_add(c, bus_mw_logging(&mw, &cfg->log), &mw);
     if (rv == BUS_OK) {
-        if (cfg->policy != NULL)
-            p = *cfg->policy;
-        else
-            bus_failure_policy_init(&p);
+        stack_policy(cfg, &p);
         p.mode = BUS_RETRY_IN_PLACE;
         p.retry.backoff = BUS_BACKOFF_FIXED;
         p.retry.jitter = BUS_JITTER_NONE;
         p.retry.initial_ms = 10;
         p.retry.max_attempts = 3;
-        if (cfg->breaker != NULL)
-            p.breaker = cfg->breaker;
-        if (p.log.fn == NULL)
-            p.log = cfg->log;
-        rv = stack_add(c, bus_mw_policy(&mw, &p), &mw);
+        rv = bus__chain_add(c, bus_mw_policy(&mw, &p), &mw);
     }
     if (rv == BUS_OK)
-        rv = stack_add(c,
+        rv = bus__chain_add(c,
                        bus_mw_deadline(&mw,
                                        cfg->deadline_ms > 0 ? cfg->deadline_ms
                                                             : 1000,
@@ -919,10 +927,5 @@ bus_stack_development(bus_chain **out, const bus_stack_config *cfg)
                                        cfg->policy ? &cfg->policy->clock
                                                    : NULL),
                        &mw);
-    if (rv != BUS_OK) {
-        bus_chain_free(c);
-        return rv;
-    }
-    *out = c;
-    return BUS_OK;
+    return stack_done(c, rv, out);
 }

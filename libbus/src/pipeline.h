@@ -114,4 +114,9 @@ void bus__hist_record(bus_hist *h, uint64_t ns);
  * the per-subscription chain it runs. */
 const bus_middleware *bus__chain_items(const bus_chain *c, size_t *n);
 
+/* Appends mw, which its constructor built with result rv, to c: returns
+ * rv if that failed; frees mw's state if the append fails. For building
+ * chains from the bus_mw_* constructors in one expression each. */
+int bus__chain_add(bus_chain *c, int rv, bus_middleware *mw);
+
 #endif
