@@ -147,7 +147,7 @@ open_broker(const char *uri)
 
 typedef struct sub_want {
     bus_sub *s;
-    uint64_t ok, retry, reject;
+    uint64_t ok, retry, reject, queued;
 } sub_want;
 
 static int
@@ -163,9 +163,30 @@ sub_reached(void *arg)
 static int
 sub_wait(bus_sub *s, uint64_t ok, uint64_t retry, uint64_t reject)
 {
-    sub_want w = {s, ok, retry, reject};
+    sub_want w = {s, ok, retry, reject, 0};
 
     return bt_wait_for(sub_reached, &w, BT_WAIT_MS) ? 0 : 1; /* 0: reached */
+}
+
+static int
+queued_reached(void *arg)
+{
+    sub_want *w = arg;
+    bus_sub_stats st;
+
+    bus_sub_stats_get(w->s, &st);
+    return st.queued == w->queued;
+}
+
+/* Waits for s's queued count to be q. A worker counts ok or retry when
+ * the handler returns and takes the entry off the queue just after, so
+ * right after sub_wait an entry may still be counted as queued. */
+static int
+queued_wait(bus_sub *s, uint64_t q)
+{
+    sub_want w = {s, 0, 0, 0, q};
+
+    return bt_wait_for(queued_reached, &w, BT_WAIT_MS) ? 0 : 1;
 }
 
 static int
@@ -237,6 +258,8 @@ test_deferred_retry_does_not_block_other_keys(void **state)
     publish(ctx, "d.x", ev_stream("C"));
     /* A fails and is parked; B and C go on without the clock moving. */
     assert_int_equal(rec_wait(&r, 3), 0);
+    assert_int_equal(sub_wait(s, 2, 1, 0), 0);
+    assert_int_equal(queued_wait(s, 1), 0); /* the parked retry */
     assert_string_equal(r.stream[0], "A");
     assert_string_equal(r.stream[1], "B");
     assert_string_equal(r.stream[2], "C");
@@ -254,6 +277,7 @@ test_deferred_retry_does_not_block_other_keys(void **state)
     bus_manual_clock_advance(&mc, 1000000000u);
     assert_int_equal(rec_wait(&r, 5), 0);
     assert_int_equal(sub_wait(s, 3, 2, 0), 0);
+    assert_int_equal(queued_wait(s, 0), 0);
     assert_string_equal(r.stream[3], "A");
     assert_int_equal(r.attempt[3], 2);
     assert_string_equal(r.stream[4], "A");
