@@ -232,6 +232,7 @@ bus_store_config_init(bus_store_config *cfg)
     cfg->max_append_bytes = (size_t)64 << 20;
     cfg->max_group_bytes = (size_t)8 << 20;
     cfg->stream_cache = 65536;
+    cfg->max_async_bytes = (size_t)16 << 20;
 }
 
 static int
@@ -263,6 +264,8 @@ store_config_copy(bus_store *s, const bus_store_config *in, char *errbuf,
         c->max_group_bytes = def.max_group_bytes;
     if (c->stream_cache == 0)
         c->stream_cache = def.stream_cache;
+    if (c->max_async_bytes == 0)
+        c->max_async_bytes = def.max_async_bytes;
 
     if (c->path == NULL || c->path[0] == '\0') {
         store_errf(errbuf, errlen, "store config: path is required");
@@ -740,6 +743,8 @@ bus_store_open(bus_store **out, const bus_store_config *cfg, char *errbuf,
     bus__mutex_init(&s->meta_mtx);
     bus__mutex_init(&s->ev_mtx);
     bus__cond_init(&s->wq_idle);
+    bus__cond_init(&s->wr_cond);
+    bus__cond_init(&s->async_cond);
     bus__cond_init(&s->ev_cond);
     s->mutexes_ready = true;
 
@@ -804,6 +809,7 @@ bus_store_close_async(bus_store *s)
         return;
     bus__mutex_lock(&s->wq_mtx);
     atomic_store_explicit(&s->closing, true, memory_order_release);
+    bus__cond_broadcast(&s->async_cond); /* waiting for room: BUS_ECLOSED */
     bus__mutex_unlock(&s->wq_mtx);
     bus__mutex_lock(&s->ev_mtx);
     for (w = s->workers.next; w != &s->workers; w = w->next)
@@ -834,9 +840,11 @@ bus_store_close(bus_store *s)
             w->destroy(w);
         }
         bus__mutex_lock(&s->wq_mtx);
-        while (s->inflight > 0 || s->leader_busy)
+        /* Asynchronous appends: written, and their callbacks returned. */
+        while (s->inflight > 0 || s->leader_busy || s->async_bytes > 0)
             bus__cond_wait(&s->wq_idle, &s->wq_mtx);
         bus__mutex_unlock(&s->wq_mtx);
+        bus__store_writer_thread_stop(s);
     }
     /* No writer is active and none can start: write the id index's tail so
      * that the next open has nothing to rebuild. */
@@ -876,6 +884,8 @@ bus_store_close(bus_store *s)
     if (s->mutexes_ready) {
         bus__cond_fini(&s->ev_cond);
         bus__cond_fini(&s->wq_idle);
+        bus__cond_fini(&s->wr_cond);
+        bus__cond_fini(&s->async_cond);
         bus__mutex_fini(&s->ev_mtx);
         bus__mutex_fini(&s->meta_mtx);
         bus__mutex_fini(&s->pol_mtx);

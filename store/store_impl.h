@@ -402,6 +402,13 @@ typedef struct store_req {
     bool leader;
     bool has_cond;
     bus__cond cond;
+    /* An asynchronous append (bus_store_append_async): the request owns
+     * itself (one block of alloc_size bytes: this, its part, the events'
+     * array and the stream's copy) and no thread waits for it; the writer
+     * thread calls cb and frees it. */
+    bus_store_append_cb cb;
+    void *cb_arg;
+    size_t alloc_size;
 } store_req;
 
 /* Pending event ids of the current group (id -> where it goes). */
@@ -550,6 +557,18 @@ struct bus_store {
     bool leader_busy;
     uint32_t inflight; /* accepted, not yet answered */
     bus__cond wq_idle;
+    /* The writer thread, started by the first asynchronous append: it
+     * takes the leader role when the queue's head is an asynchronous
+     * request (no thread waits to lead it) and runs the callbacks, in
+     * commit order, from its completion queue. */
+    bus__thread wr_thread;
+    bool wr_started;
+    bool wr_role;   /* the leader role is the writer thread's */
+    bool wr_stop;
+    bus__cond wr_cond;
+    store_req *cq_head, *cq_tail; /* written, callbacks to run */
+    size_t async_bytes;           /* asynchronous requests' cost in flight */
+    bus__cond async_cond;         /* async_bytes went down, or closing */
     store_writer w; /* @locks the leader role */
 
     /* readers' policies */
@@ -589,6 +608,9 @@ void bus__store_worker_remove(bus_store *s, store_worker *w);
 int bus__store_writer_init(bus_store *s);
 void bus__store_writer_fini(bus_store *s);
 int bus__store_submit(bus_store *s, store_req *r);
+/* At close, once nothing is in flight: stops and joins the writer thread
+ * if it was started. */
+void bus__store_writer_thread_stop(bus_store *s);
 /* Writes the id index's tail through the writer: afterwards every event
  * committed before the call is at or below s->indexed. */
 int bus__store_flush_ids(bus_store *s);

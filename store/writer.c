@@ -1412,31 +1412,134 @@ write_group(bus_store *s, store_req *g)
                                               memory_order_relaxed);
 }
 
-int
-bus__store_submit(bus_store *s, store_req *r)
+/* The store whose asynchronous-append callback this thread runs (the
+ * writer thread's, for its whole life): blocking writer calls from there
+ * would wait for the thread itself. */
+static BUS__TLS bus_store *store_cb_tl;
+
+/* Gives the leader role to whoever leads the queue's head: a waiting
+ * caller, or the writer thread for an asynchronous request. @locks wq_mtx */
+static void
+pass_role(bus_store *s)
 {
-    store_req *g, *q, *last;
+    store_req *h = s->wq_head;
+
+    if (h == NULL) {
+        s->leader_busy = false;
+    } else if (h->cb != NULL) {
+        s->wr_role = true;
+        bus__cond_signal(&s->wr_cond);
+    } else {
+        h->leader = true;
+        bus__cond_signal(&h->cond);
+    }
+}
+
+/* Leads one group: detaches it from the queue's head (FIFO, capped by
+ * max_group_bytes), writes it without the lock, answers it and passes the
+ * role on. self (may be NULL) is the caller's own request, not signalled.
+ * Returns the group's asynchronous requests, in order, for their
+ * callbacks. @locks wq_mtx, held on entry and on return; the caller holds
+ * the leader role. */
+static store_req *
+lead_group(bus_store *s, store_req *self)
+{
+    store_req *g, *q, *last, *async = NULL, **at = &async;
     size_t cost, n;
 
-    r->next = NULL;
-    r->done = false;
-    r->leader = false;
-    r->has_cond = false;
-    r->rv = BUS_OK;
+    g = s->wq_head;
+    last = g;
+    cost = g->cost;
+    n = 1;
+    while (last->next != NULL &&
+           cost + last->next->cost <= s->cfg.max_group_bytes) {
+        last = last->next;
+        cost += last->cost;
+        n++;
+    }
+    s->wq_head = last->next;
+    if (s->wq_head == NULL)
+        s->wq_tail = NULL;
+    last->next = NULL;
+    bus__mutex_unlock(&s->wq_mtx);
+
+    write_group(s, g);
 
     bus__mutex_lock(&s->wq_mtx);
-    if (atomic_load_explicit(&s->closing, memory_order_acquire)) {
-        bus__mutex_unlock(&s->wq_mtx);
-        return BUS_ECLOSED;
+    for (q = g; q != NULL;) {
+        store_req *nx = q->next;
+        q->done = true;
+        if (q->cb != NULL) { /* nobody waits: ours until its callback */
+            q->next = NULL;
+            *at = q;
+            at = &q->next;
+        } else if (q != self && q->has_cond) {
+            /* Signalled under wq_mtx: the waiter cannot return (and free
+             * its request) before we unlock, and we do not touch q after
+             * that. */
+            bus__cond_signal(&q->cond);
+        }
+        q = nx;
     }
+    s->inflight -= (uint32_t)n;
+    pass_role(s);
+    if (s->inflight == 0)
+        bus__cond_broadcast(&s->wq_idle);
+    return async;
+}
+
+/* Hands written asynchronous requests to the writer thread, after those
+ * already there (commit order). @locks wq_mtx */
+static void
+cq_append(bus_store *s, store_req *list)
+{
+    store_req *t = list;
+
+    if (list == NULL)
+        return;
+    while (t->next != NULL)
+        t = t->next;
+    if (s->cq_tail != NULL)
+        s->cq_tail->next = list;
+    else
+        s->cq_head = list;
+    s->cq_tail = t;
+    bus__cond_signal(&s->wr_cond);
+}
+
+/* Queues r and, if no leader is active, makes it the leader. */
+static void
+enqueue(bus_store *s, store_req *r)
+{
     if (s->wq_tail != NULL)
         s->wq_tail->next = r;
     else
         s->wq_head = r;
     s->wq_tail = r;
     s->inflight++;
+}
+
+int
+bus__store_submit(bus_store *s, store_req *r)
+{
+    store_req *async;
+
+    r->next = NULL;
+    r->done = false;
+    r->leader = false;
+    r->has_cond = false;
+    r->rv = BUS_OK;
+    if (store_cb_tl == s)
+        return BUS_EBUSY; /* from a callback: we would wait for ourselves */
+
+    bus__mutex_lock(&s->wq_mtx);
+    if (atomic_load_explicit(&s->closing, memory_order_acquire)) {
+        bus__mutex_unlock(&s->wq_mtx);
+        return BUS_ECLOSED;
+    }
+    enqueue(s, r);
     if (!s->leader_busy) {
-        s->leader_busy = true;
+        s->leader_busy = true; /* the queue was empty: r is its head */
         r->leader = true;
     } else {
         bus__cond_init(&r->cond);
@@ -1445,55 +1548,140 @@ bus__store_submit(bus_store *s, store_req *r)
             bus__cond_wait(&r->cond, &s->wq_mtx);
     }
     if (!r->done) {
-        /* Leader: r is the queue head. Detach a group. (Writing the next
-         * group too, instead of handing the role over, saves a wake-up
-         * but makes groups smaller: the threads of the group just
-         * answered have not queued again yet. Measured, handing over
-         * gave more appends per fsync, which is what counts where fsync
-         * is slow.) */
-        g = s->wq_head;
-        last = g;
-        cost = g->cost;
-        n = 1;
-        while (last->next != NULL &&
-               cost + last->next->cost <= s->cfg.max_group_bytes) {
-            last = last->next;
-            cost += last->cost;
-            n++;
-        }
-        s->wq_head = last->next;
-        if (s->wq_head == NULL)
-            s->wq_tail = NULL;
-        last->next = NULL;
-        bus__mutex_unlock(&s->wq_mtx);
-
-        write_group(s, g);
-
-        bus__mutex_lock(&s->wq_mtx);
-        for (q = g; q != NULL;) {
-            store_req *nx = q->next;
-            q->done = true;
-            /* Signalled under wq_mtx: the waiter cannot return (and free
-             * its request) before we unlock, and we do not touch q after
-             * that. */
-            if (q != r && q->has_cond)
-                bus__cond_signal(&q->cond);
-            q = nx;
-        }
-        s->inflight -= (uint32_t)n;
-        if (s->wq_head != NULL) {
-            s->wq_head->leader = true;
-            bus__cond_signal(&s->wq_head->cond);
-        } else {
-            s->leader_busy = false;
-        }
-        if (s->inflight == 0)
-            bus__cond_broadcast(&s->wq_idle);
+        /* Leader: r is the queue head. (Writing the next group too,
+         * instead of handing the role over, saves a wake-up but makes
+         * groups smaller: the threads of the group just answered have not
+         * queued again yet. Measured, handing over gave more appends per
+         * fsync, which is what counts where fsync is slow.) */
+        async = lead_group(s, r);
+        cq_append(s, async);
     }
     bus__mutex_unlock(&s->wq_mtx);
     if (r->has_cond)
         bus__cond_fini(&r->cond);
     return r->rv;
+}
+
+/* ---- The writer thread and asynchronous appends -------------------------- */
+
+/* Runs the callbacks of a list of written asynchronous requests and frees
+ * them. Returns their cost, for the window. @thread writer, no lock. */
+static size_t
+run_callbacks(store_req *list)
+{
+    size_t freed = 0;
+
+    while (list != NULL) {
+        store_req *r = list;
+        store_part *pt = r->parts;
+        bus_store_append_result res = pt->res;
+        size_t i;
+
+        list = r->next;
+        res.err = r->rv;
+        r->cb(r->cb_arg, &res);
+        for (i = 0; i < pt->n; i++)
+            bus_event_unref(pt->events[i]);
+        freed += r->cost;
+        bus__free(r, r->alloc_size);
+    }
+    return freed;
+}
+
+static void
+writer_main(void *arg)
+{
+    bus_store *s = arg;
+    store_req *list;
+    size_t freed;
+
+    store_cb_tl = s;
+    bus__mutex_lock(&s->wq_mtx);
+    for (;;) {
+        if (s->cq_head != NULL) { /* earlier groups' callbacks first */
+            list = s->cq_head;
+            s->cq_head = s->cq_tail = NULL;
+        } else if (s->wr_role) {
+            s->wr_role = false;
+            list = lead_group(s, NULL); /* may give the role back to us */
+        } else if (s->wr_stop) {
+            break;
+        } else {
+            bus__cond_wait(&s->wr_cond, &s->wq_mtx);
+            continue;
+        }
+        if (list == NULL)
+            continue;
+        bus__mutex_unlock(&s->wq_mtx);
+        freed = run_callbacks(list);
+        bus__mutex_lock(&s->wq_mtx);
+        s->async_bytes -= freed;
+        bus__cond_broadcast(&s->async_cond);
+        if (s->async_bytes == 0)
+            bus__cond_broadcast(&s->wq_idle);
+    }
+    bus__mutex_unlock(&s->wq_mtx);
+}
+
+void
+bus__store_writer_thread_stop(bus_store *s)
+{
+    bool started;
+
+    bus__mutex_lock(&s->wq_mtx);
+    s->wr_stop = true;
+    started = s->wr_started;
+    bus__cond_signal(&s->wr_cond);
+    bus__mutex_unlock(&s->wq_mtx);
+    if (started)
+        bus__thread_join(&s->wr_thread);
+}
+
+/* Queues an asynchronous request, waiting for room in the window unless
+ * nonblock. @locks takes wq_mtx */
+static int
+submit_async(bus_store *s, store_req *r, bool nonblock)
+{
+    int rv;
+
+    if (store_cb_tl == s)
+        nonblock = true; /* the writer thread frees the window */
+    bus__mutex_lock(&s->wq_mtx);
+    for (;;) {
+        if (atomic_load_explicit(&s->closing, memory_order_acquire) ||
+            s->wr_stop) {
+            bus__mutex_unlock(&s->wq_mtx);
+            return BUS_ECLOSED;
+        }
+        /* One request always fits, however large. */
+        if (s->async_bytes == 0 ||
+            s->async_bytes + r->cost <= s->cfg.max_async_bytes)
+            break;
+        if (nonblock) {
+            bus__mutex_unlock(&s->wq_mtx);
+            return BUS_EAGAIN;
+        }
+        bus__cond_wait(&s->async_cond, &s->wq_mtx);
+    }
+    if (!s->wr_started) {
+        if ((rv = bus__thread_start(&s->wr_thread, "bus-store-wr",
+                                    writer_main, s)) != BUS_OK) {
+            bus__mutex_unlock(&s->wq_mtx);
+            return rv;
+        }
+        s->wr_started = true;
+    }
+    r->next = NULL;
+    r->rv = BUS_OK;
+    s->async_bytes += r->cost;
+    enqueue(s, r);
+    if (!s->leader_busy) {
+        s->leader_busy = true;
+        s->wr_role = true;
+        bus__cond_signal(&s->wr_cond);
+    }
+    bus__mutex_unlock(&s->wq_mtx);
+    return BUS_OK;
 }
 
 /* ---- Public appends ------------------------------------------------------ */
@@ -1557,6 +1745,69 @@ out:
     if (res != NULL) {
         *res = pt.res;
         res->err = rv;
+    }
+    return rv;
+}
+
+static size_t
+align_up(size_t x, size_t a)
+{
+    return (x + a - 1) / a * a;
+}
+
+int
+bus_store_append_async(bus_store *s, const char *stream,
+                       uint64_t expected_version, bus_event *const *events,
+                       size_t n, unsigned flags, bus_store_append_cb cb,
+                       void *opaque)
+{
+    size_t cost, size, off_part, off_ev, off_str, i;
+    store_part pt, *p;
+    bus_event **evs;
+    store_req *r;
+    char *str;
+    int rv;
+
+    if (s == NULL || cb == NULL || (flags & ~BUS_STORE_NONBLOCK) != 0)
+        return BUS_EINVAL;
+    memset(&pt, 0, sizeof(pt));
+    pt.stream = stream;
+    pt.expected = expected_version;
+    pt.events = events;
+    pt.n = n;
+    if ((rv = check_parts(s, &pt, 1, &cost)) != BUS_OK)
+        return rv;
+    /* One block: the request, its part, the events' array, the stream. */
+    off_part = align_up(sizeof(*r), _Alignof(store_part));
+    off_ev = align_up(off_part + sizeof(*p), _Alignof(bus_event *));
+    off_str = off_ev + n * sizeof(*evs);
+    size = off_str + pt.slen + 1;
+    if ((r = bus__zalloc(size)) == NULL)
+        return BUS_ENOMEM;
+    p = (store_part *)((char *)r + off_part);
+    evs = (bus_event **)((char *)r + off_ev);
+    str = (char *)r + off_str;
+    memcpy(str, stream, pt.slen);
+    str[pt.slen] = '\0';
+    *p = pt;
+    p->stream = str;
+    p->events = evs;
+    for (i = 0; i < n; i++) {
+        bus_event_freeze(events[i]);
+        evs[i] = bus_event_ref(events[i]);
+    }
+    r->kind = REQ_WRITE;
+    r->parts = p;
+    r->nparts = 1;
+    r->cost = cost;
+    r->cb = cb;
+    r->cb_arg = opaque;
+    r->alloc_size = size;
+    if ((rv = submit_async(s, r, (flags & BUS_STORE_NONBLOCK) != 0))
+        != BUS_OK) {
+        for (i = 0; i < n; i++)
+            bus_event_unref(evs[i]);
+        bus__free(r, size);
     }
     return rv;
 }

@@ -94,6 +94,10 @@ typedef struct bus_store_config {
     uint32_t stream_cache;      /* streams whose state the writer caches;
                                  * default 65536 */
     bus_logger logger;          /* subsystem "store"; default: no logging */
+    size_t max_async_bytes;     /* bus_store_append_async: requests in
+                                 * flight (queued, written or waiting for
+                                 * their callback), by the same estimate
+                                 * as max_group_bytes; default 16 MiB */
 } bus_store_config;
 
 /* Fills cfg with the defaults and cfg->size. path is left NULL. */
@@ -160,6 +164,44 @@ BUS_API int bus_store_append(bus_store *s, const char *stream,
                              uint64_t expected_version,
                              bus_event *const *events, size_t n,
                              bus_store_append_result *res);
+
+/* Asynchronous appends: bus_store_append without waiting. A thread that
+ * queues many appends lets the group commit put them into few fsyncs,
+ * where a blocking append has one in flight (docs/store.md, Asynchronous
+ * appends). */
+
+/* The outcome of an asynchronous append: res->err is BUS_OK or why it
+ * failed (the codes of bus_store_append); the other fields as there. res
+ * is valid during the call only. Runs on the store's writer thread
+ * ("bus-store-wr"), one call at a time, in the order the appends were
+ * queued (which is their commit order). A callback must not block: it
+ * may read and queue more asynchronous appends (never blocking: a full
+ * window is BUS_EAGAIN there); the blocking writer calls (bus_store_append,
+ * _multi, transaction commits, metadata, deletes) return BUS_EBUSY from
+ * it, and bus_store_close must not be called from it. */
+typedef void (*bus_store_append_cb)(void *opaque,
+                                    const bus_store_append_result *res);
+
+/* bus_store_append_async flags */
+#define BUS_STORE_NONBLOCK 0x1u /* a full window is BUS_EAGAIN, not a wait */
+
+/* Queues an append of n events to stream (as bus_store_append: the same
+ * checks, limits, idempotence and durability) and returns; cb(opaque,
+ * res) runs exactly once when it is written (and fsynced, per
+ * durability) or has failed. Appends queued by one thread are applied in
+ * the order queued, so expected versions may follow one another. Copies
+ * stream; freezes the events (as publishing does) and holds a reference
+ * on each until the callback has returned. Blocks while the appends in
+ * flight exceed cfg.max_async_bytes (not with BUS_STORE_NONBLOCK, nor in a
+ * callback: BUS_EAGAIN). On an error returned here the callback never
+ * runs and nothing was queued: BUS_EINVAL (also cb NULL), BUS_ETOOBIG,
+ * BUS_EAGAIN, BUS_ECLOSED, BUS_ENOMEM. bus_store_close waits for every
+ * queued append and its callback. Thread: any. */
+BUS_API int bus_store_append_async(bus_store *s, const char *stream,
+                                   uint64_t expected_version,
+                                   bus_event *const *events, size_t n,
+                                   unsigned flags, bus_store_append_cb cb,
+                                   void *opaque);
 
 /* One stream's part of a multi-stream append. */
 typedef struct bus_store_append_req {

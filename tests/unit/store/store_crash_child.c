@@ -4,7 +4,11 @@
  * threads (each owns half of the streams), reporting every acknowledged
  * append on stdout, until SIGKILL.
  *
- *   store_crash_child <dir> <none|group|always> <seed> <streams>
+ *   store_crash_child <dir> <none|group|always|async> <seed> <streams>
+ *
+ * "async" is group durability with the second thread appending through
+ * bus_store_append_async (one stream a request, expected versions queued
+ * one after another); its lines are written by the callbacks.
  *
  * Each acknowledged part is one line "A <stream> <first> <last> <batch>",
  * and all lines of one request are written by one write(2) (atomic on a
@@ -28,6 +32,37 @@
 static bus_store *store;
 static int nstreams;
 static uint64_t seed;
+static int async_mode;
+
+/* What an asynchronous append expects; freed by its callback. */
+typedef struct async_req {
+    const char *stream;
+    uint64_t first, last;
+    char batch[64];
+} async_req;
+
+static void
+async_done(void *opaque, const bus_store_append_result *res)
+{
+    async_req *a = opaque;
+    char line[256];
+    int len;
+
+    if (res->err != BUS_OK || res->first_version != a->first ||
+        res->last_version != a->last) {
+        fprintf(stderr, "child: async append: %s (%llu..%llu)\n",
+                bus_err_name(res->err),
+                (unsigned long long)res->first_version,
+                (unsigned long long)res->last_version);
+        exit(3);
+    }
+    len = snprintf(line, sizeof(line), "A %s %llu %llu %s\n", a->stream,
+                   (unsigned long long)a->first, (unsigned long long)a->last,
+                   a->batch);
+    if (write(1, line, (size_t)len) != (ssize_t)len)
+        exit(3);
+    free(a);
+}
 
 static bus_result
 count_handler(bus_delivery *d, void *opaque)
@@ -114,6 +149,30 @@ appender(void *arg)
 
         snprintf(batch, sizeof(batch), "%d.%d.%llu.%llu", (int)getpid(), t,
                  (unsigned long long)seed, (unsigned long long)seq++);
+        if (async_mode && t == 1) {
+            async_req *a = calloc(1, sizeof(*a));
+            i0 = rnd(&rs) % (uint64_t)nmine;
+            k[0] = 1 + rnd(&rs) % 5;
+            if (a == NULL)
+                exit(3);
+            for (j = 0; j < k[0]; j++)
+                ev[0][j] = mk_event(batch, k[0]);
+            a->stream = names[mine[i0]];
+            a->first = ver[mine[i0]] + 1;
+            a->last = ver[mine[i0]] + k[0];
+            memcpy(a->batch, batch, sizeof(batch));
+            rv = bus_store_append_async(store, a->stream, ver[mine[i0]],
+                                        ev[0], k[0], 0, async_done, a);
+            for (j = 0; j < k[0]; j++)
+                bus_event_unref(ev[0][j]);
+            if (rv != BUS_OK) {
+                fprintf(stderr, "child: append_async: %s\n",
+                        bus_err_name(rv));
+                exit(3);
+            }
+            ver[mine[i0]] = a->last; /* queued in order: the next follows */
+            continue;
+        }
         i0 = rnd(&rs) % (uint64_t)nmine;
         si[0] = mine[i0];
         si[1] =
@@ -165,6 +224,7 @@ main(int argc, char **argv)
     bus_store_config_init(&cfg);
     cfg.path = argv[1];
     cfg.create_if_missing = true;
+    async_mode = strcmp(argv[2], "async") == 0;
     cfg.durability = strcmp(argv[2], "none") == 0     ? BUS_STORE_NONE
                      : strcmp(argv[2], "always") == 0 ? BUS_STORE_ALWAYS
                                                       : BUS_STORE_GROUP;

@@ -11,8 +11,10 @@
  *     positions, so each run of one batch id must have its "n" events;
  *   - the counting projection (also killed mid-commit) equals the stream
  *     lengths: nothing skipped, nothing applied twice.
- * Modes cycle always, group and none (a process kill loses nothing
- * acknowledged even without fsync: the WAL is in the page cache).
+ * Modes cycle always, group, none (a process kill loses nothing
+ * acknowledged even without fsync: the WAL is in the page cache) and
+ * async (group, one thread appending with bus_store_append_async: an
+ * append is acknowledged when its callback runs).
  * Rounds: BUS_CRASH_ROUNDS (default 50); each mode starts a fresh store
  * every ROUNDS_PER_STORE rounds so the per-round full checks stay short.
  */
@@ -27,6 +29,7 @@
 
 #define NSTREAMS 16
 #define ROUNDS_PER_STORE 6
+#define NMODES 4
 
 typedef struct ack {
     char stream[16];
@@ -339,10 +342,11 @@ one_round(mode_state *m, uint64_t *rng)
 static void
 test_kill_loses_nothing_acknowledged(void **state)
 {
-    mode_state modes[3] = {
+    mode_state modes[NMODES] = {
         {"always", BUS_STORE_ALWAYS, NULL, {0}, 0, 0, 0},
         {"group", BUS_STORE_GROUP, NULL, {0}, 0, 0, 0},
         {"none", BUS_STORE_NONE, NULL, {0}, 0, 0, 0},
+        {"async", BUS_STORE_GROUP, NULL, {0}, 0, 0, 0},
     };
     const char *env = getenv("BUS_CRASH_ROUNDS");
     uint64_t rng = bt_seed(), t0 = bt_now_ns();
@@ -351,12 +355,12 @@ test_kill_loses_nothing_acknowledged(void **state)
     (void)state;
     if (rounds <= 0)
         rounds = 50;
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < NMODES; i++) {
         modes[i].dir = bt_mkdtemp("bus-store-crash");
         assert_non_null(modes[i].dir);
     }
     for (i = 0; i < rounds; i++) {
-        mode_state *m = &modes[i % 3];
+        mode_state *m = &modes[i % NMODES];
         /* A fresh store every few rounds keeps each check's full scan
          * short; every round still kills, reopens and verifies. */
         if (m->rounds > 0 && m->rounds % ROUNDS_PER_STORE == 0) {
@@ -368,7 +372,7 @@ test_kill_loses_nothing_acknowledged(void **state)
         }
         one_round(m, &rng);
     }
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < NMODES; i++) {
         fprintf(stderr,
                 "# %-6s: %llu rounds (%llu killed before ready), %llu "
                 "acknowledged appends, all present\n",

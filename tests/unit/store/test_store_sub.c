@@ -81,6 +81,33 @@ rec_wait(rec *r, size_t n)
     assert_true(rec_count(r) >= n);
 }
 
+typedef struct sub_want {
+    bus_store_sub *sub;
+    uint64_t position, delivered;
+} sub_want;
+
+static int
+sub_reached(void *p)
+{
+    sub_want *w = p;
+    bus_store_sub_stats st;
+
+    bus_store_sub_stats_get(w->sub, &st);
+    return st.position >= w->position && st.delivered >= w->delivered;
+}
+
+/* Waits until sub's statistics reach position and delivered. The
+ * subscription thread counts a delivery when the handler returns and
+ * moves its position after that, so a handler-side count reaching n does
+ * not mean the statistics have. */
+static void
+sub_wait(bus_store_sub *sub, uint64_t position, uint64_t delivered)
+{
+    sub_want w = {sub, position, delivered};
+
+    assert_true(bt_wait_for(sub_reached, &w, 20000));
+}
+
 static int
 caught_up_once(void *p)
 {
@@ -207,6 +234,7 @@ test_history_then_caught_up_then_live(void **state)
         assert_int_equal(st_append_n(f->s, "h", BUS_STORE_ANY, "t", 1, NULL),
                          BUS_OK);
     rec_wait(r, 70);
+    sub_wait(sub, 70, 70);
     bus_store_sub_stats_get(sub, &st);
     assert_int_equal(st.position, 70);
     assert_int_equal(st.delivered, 70);
