@@ -1507,7 +1507,7 @@ cq_append(bus_store *s, store_req *list)
     bus__cond_signal(&s->wr_cond);
 }
 
-/* Queues r and, if no leader is active, makes it the leader. */
+/* Queues r at the tail. @locks wq_mtx */
 static void
 enqueue(bus_store *s, store_req *r)
 {

@@ -389,6 +389,23 @@ threads_run(void *(*fn)(void *), gc_arg *args, int n)
     return (double)total / ((double)(bench_now_ns() - t0) / 1e9);
 }
 
+/* One timed round of ours; adds the events written and the fsyncs made
+ * to *events and *syncs (appends per fsync). */
+static double
+gc_round(ours *o, void *(*fn)(void *), gc_arg *args, int n, uint64_t *events,
+         uint64_t *syncs)
+{
+    bus_store_stats st0, st1;
+    double rate;
+
+    bus_store_stats_get(o->s, &st0);
+    rate = threads_run(fn, args, n);
+    bus_store_stats_get(o->s, &st1);
+    *events += st1.events - st0.events;
+    *syncs += st1.syncs - st0.syncs;
+    return rate;
+}
+
 /* ---- Reads --------------------------------------------------------------- */
 
 static double
@@ -716,16 +733,11 @@ main(int argc, char **argv)
         double x64[DUR_ROUNDS], r16[DUR_ROUNDS];
         double xa[DUR_ROUNDS], ra[DUR_ROUNDS];
         uint64_t ev16 = 0, sy16 = 0, ev64 = 0, sy64 = 0, eva = 0, sya = 0;
-        bus_store_stats st0, st1;
 
         for (i = 0; i < DUR_ROUNDS; i++) {
             ev = make_events(ngc * GC_THREADS_MANY);
             gc_args(args, &og, &rg, val, vlen, ev, ngc, &next);
-            bus_store_stats_get(og.s, &st0);
-            x16[i] = threads_run(gc_ours, args, GC_THREADS);
-            bus_store_stats_get(og.s, &st1);
-            ev16 += st1.events - st0.events;
-            sy16 += st1.syncs - st0.syncs;
+            x16[i] = gc_round(&og, gc_ours, args, GC_THREADS, &ev16, &sy16);
             y1[i] = raw_append(&rg, val, vlen, nsync, 1, true);
             z16[i] = threads_run(gc_raw, args, GC_THREADS);
             free_events(ev, ngc * GC_THREADS_MANY);
@@ -733,20 +745,14 @@ main(int argc, char **argv)
 
             ev = make_events(ngc * GC_THREADS_MANY); /* fresh ids */
             gc_args(args, &og, &rg, val, vlen, ev, ngc, &next);
-            bus_store_stats_get(og.s, &st0);
-            x64[i] = threads_run(gc_ours, args, GC_THREADS_MANY);
-            bus_store_stats_get(og.s, &st1);
-            ev64 += st1.events - st0.events;
-            sy64 += st1.syncs - st0.syncs;
+            x64[i] = gc_round(&og, gc_ours, args, GC_THREADS_MANY, &ev64,
+                              &sy64);
             free_events(ev, ngc * GC_THREADS_MANY);
 
             ev = make_events(nasync * GC_THREADS);
             gc_args(args, &og, &rg, val, vlen, ev, nasync, &next);
-            bus_store_stats_get(og.s, &st0);
-            xa[i] = threads_run(gc_ours_async, args, GC_THREADS);
-            bus_store_stats_get(og.s, &st1);
-            eva += st1.events - st0.events;
-            sya += st1.syncs - st0.syncs;
+            xa[i] = gc_round(&og, gc_ours_async, args, GC_THREADS, &eva,
+                             &sya);
             free_events(ev, nasync * GC_THREADS);
             ra[i] = xa[i] / y1[i];
         }

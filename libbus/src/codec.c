@@ -496,12 +496,34 @@ codec_uint_slow(codec_dec *d, const uint8_t *p, uint64_t *v)
     return r.p;
 }
 
+/* Inline: positive fixint and uint8..uint64 (versions and positions
+ * above 127 come as those); the rest, and truncation, go slow. */
 static CODEC_HOT_INLINE const uint8_t *
 codec_uint(codec_dec *d, const uint8_t *p, uint64_t *v)
 {
-    if (p < d->end && *p <= 0x7f) {
+    size_t left = (size_t)(d->end - p);
+
+    if (left >= 1 && *p <= 0x7f) {
         *v = *p;
         return p + 1;
+    }
+    if (left >= 9) {
+        switch (*p) {
+        case 0xcc:
+            *v = p[1];
+            return p + 2;
+        case 0xcd:
+            *v = mp_rd16(p + 1);
+            return p + 3;
+        case 0xce:
+            *v = mp_rd32(p + 1);
+            return p + 5;
+        case 0xcf:
+            *v = mp_rd64(p + 1);
+            return p + 9;
+        default:
+            break;
+        }
     }
     return codec_uint_slow(d, p, v);
 }
