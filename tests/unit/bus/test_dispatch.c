@@ -795,6 +795,33 @@ test_busy_spin_wait_strategy_delivers_and_closes(void **state)
     round_trips_with(BUS_WAIT_SPIN);
 }
 
+typedef struct results_want {
+    bus_sub *sub;
+    uint64_t n;
+} results_want;
+
+static int
+results_reached(void *arg)
+{
+    results_want *w = arg;
+    bus_sub_stats st;
+
+    bus_sub_stats_get(w->sub, &st);
+    return st.ok + st.retry + st.reject >= w->n;
+}
+
+/* Waits until sub has n results, then returns its stats. A worker counts
+ * a result after the handler returns, so a handler-side count reaching n
+ * does not mean the statistics have. */
+static void
+wait_results(bus_sub *sub, uint64_t n, bus_sub_stats *st)
+{
+    results_want w = {sub, n};
+
+    assert_true(bt_wait_for(results_reached, &w, BT_WAIT_MS));
+    bus_sub_stats_get(sub, st);
+}
+
 /* ---- Batches
  * ------------------------------------------------------------------------- */
 
@@ -874,10 +901,13 @@ test_batch_handler_gets_bounded_batches_in_order(void **state)
         bt_publish_u64(ctx, "batch", "k", i);
     bt_gate_open(&h.gate);
     assert_true(bt_wait_for(batches_total, &b, BT_WAIT_MS));
+    /* The handler counts its call after total, and the worker its
+     * results after the handler returns: wait for those before reading
+     * either. */
+    wait_results(bsub, 100, &st);
     assert_int_equal(atomic_load(&b.errors), 0);
     assert_int_equal(atomic_load(&b.max_n), 8);
     assert_int_equal(atomic_load(&b.calls), 13); /* 12 x 8 + 4 */
-    bus_sub_stats_get(bsub, &st);
     assert_int_equal(st.delivered, 100);
     assert_int_equal(st.ok, 100);
     assert_int_equal(bus_ctx_close(ctx), 0);
@@ -949,31 +979,6 @@ result_by_payload(bus_delivery *d, void *opaque)
     if (v % 3 == 2)
         return BUS_REJECT;
     return BUS_ACK;
-}
-
-typedef struct results_want {
-    bus_sub *sub;
-    uint64_t n;
-} results_want;
-
-static int
-results_reached(void *arg)
-{
-    results_want *w = arg;
-    bus_sub_stats st;
-
-    bus_sub_stats_get(w->sub, &st);
-    return st.ok + st.retry + st.reject >= w->n;
-}
-
-/* Waits until sub has n results, then returns its stats. */
-static void
-wait_results(bus_sub *sub, uint64_t n, bus_sub_stats *st)
-{
-    results_want w = {sub, n};
-
-    assert_true(bt_wait_for(results_reached, &w, BT_WAIT_MS));
-    bus_sub_stats_get(sub, st);
 }
 
 static void

@@ -271,6 +271,38 @@ test_views_aggregate_separately(void **state)
 
 /* ---- Timeouts ------------------------------------------------------------ */
 
+static int
+blocker_called(void *arg)
+{
+    return atomic_load(&((blocker *)arg)->calls) >= 1;
+}
+
+typedef struct settled_run {
+    bus_health *h;
+    const char *name;
+    bus_health_report *r; /* the run that found name settled */
+} settled_run;
+
+/* Runs h; true (keeping the report) once name's last call has been
+ * stored, i.e. the run did not find that call still in flight. */
+static int
+run_settled(void *arg)
+{
+    settled_run *w = arg;
+    bus_health_report *r;
+    const bus_health_result *x;
+
+    if (bus_health_run(w->h, 0, &r) != BUS_OK)
+        return 0;
+    x = find_result(r, w->name);
+    if (x == NULL || x->timed_out) {
+        bus_health_report_free(r);
+        return 0;
+    }
+    w->r = r;
+    return 1;
+}
+
 static void
 test_threaded_timeout_returns_in_time_and_discards_late_result(void **state)
 {
@@ -302,7 +334,10 @@ test_threaded_timeout_returns_in_time_and_discards_late_result(void **state)
     assert_int_equal(r->status, BUS_HEALTH_UNHEALTHY);
     bus_health_report_free(r);
 
-    /* Still hung: the next run does not wait for it again. */
+    /* Still hung: the next run does not wait for it again. (Under load
+     * the check's thread may begin the call only after the first run
+     * gave up on it: wait until it has, as calls is checked below.) */
+    assert_true(bt_wait_for(blocker_called, &b, 10000));
     t0 = bus__clock_mono_ns();
     assert_int_equal(bus_health_run(h, 0, &r), BUS_OK);
     took = bus__clock_mono_ns() - t0;
@@ -315,9 +350,15 @@ test_threaded_timeout_returns_in_time_and_discards_late_result(void **state)
     /* It returns DEGRADED "late": that result belongs to a run that gave
      * up, so the next run asks for a fresh call (HEALTHY "fresh"). */
     atomic_store(&b.release, true);
-    while (atomic_load(&b.returned) < 1)
-        bus__sleep_ns(MS);
-    assert_int_equal(bus_health_run(h, 0, &r), BUS_OK);
+    /* The check counts its return before its thread stores the result:
+     * until then a run still finds the (overdue) call in flight and
+     * reports it timed out without calling it. Wait for a run that does
+     * not: it must have asked for a fresh call. */
+    {
+        settled_run w = {h, "hung", NULL};
+        assert_true(bt_wait_for(run_settled, &w, 10000));
+        r = w.r;
+    }
     x = find_result(r, "hung");
     assert_int_equal(x->status, BUS_HEALTH_HEALTHY);
     assert_string_equal(x->message, "fresh");

@@ -774,6 +774,9 @@ test_metrics_in_prometheus_text(void **state)
     assert_int_equal(sub_wait(s, 5, 1, 0), 0);
     bus_manual_clock_advance(&mc, 100000000u);
     assert_int_equal(sub_wait(s, 5, 1, 1), 0); /* dead-lettered */
+    /* The worker takes the entry off the queue after counting the
+     * result: wait for that before reading bus_queue_depth. */
+    assert_int_equal(queued_wait(s, 0), 0);
 
     assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
     memset(&doc, 0, sizeof(doc));
