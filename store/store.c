@@ -841,7 +841,8 @@ bus_store_close(bus_store *s)
         }
         bus__mutex_lock(&s->wq_mtx);
         /* Asynchronous appends: written, and their callbacks returned. */
-        while (s->inflight > 0 || s->leader_busy || s->async_bytes > 0)
+        while (s->inflight > 0 || s->leader_busy || s->async_bytes > 0 ||
+               s->callers > 0)
             bus__cond_wait(&s->wq_idle, &s->wq_mtx);
         bus__mutex_unlock(&s->wq_mtx);
         bus__store_writer_thread_stop(s);

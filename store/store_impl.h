@@ -568,6 +568,10 @@ struct bus_store {
     bus__cond wr_cond;
     store_req *cq_head, *cq_tail; /* written, callbacks to run */
     size_t async_bytes;           /* asynchronous requests' cost in flight */
+    size_t wr_released; /* writer thread only: answered, not yet given back
+                         * to async_bytes */
+    uint32_t callers;   /* threads inside submit / submit_async (close
+                         * waits for none) */
     bus__cond async_cond;         /* async_bytes went down, or closing */
     store_writer w; /* @locks the leader role */
 
@@ -611,6 +615,9 @@ int bus__store_submit(bus_store *s, store_req *r);
 /* At close, once nothing is in flight: stops and joins the writer thread
  * if it was started. */
 void bus__store_writer_thread_stop(bus_store *s);
+/* True on the writer thread of s (in an asynchronous append's callback):
+ * a blocking writer call there would wait for itself (BUS_EBUSY). */
+bool bus__store_in_callback(const bus_store *s);
 /* Writes the id index's tail through the writer: afterwards every event
  * committed before the call is at or below s->indexed. */
 int bus__store_flush_ids(bus_store *s);

@@ -37,7 +37,14 @@
  *   baseline's single puts write one record, so this is what bounds the
  *   ratio (docs/store.md, Performance).
  *
- * @thread the leader is whichever appending thread holds the role.
+ * - Asynchronous appends (bus_store_append_async) queue the same requests
+ *   with no thread waiting for them: when one reaches the queue's head the
+ *   role goes to the writer thread (started by the first of them), which
+ *   leads like any caller and runs the callbacks in commit order from its
+ *   completion queue. A window (max_async_bytes) bounds them.
+ *
+ * @thread the leader is whichever appending thread, or the writer thread,
+ * holds the role.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -1417,6 +1424,12 @@ write_group(bus_store *s, store_req *g)
  * would wait for the thread itself. */
 static BUS__TLS bus_store *store_cb_tl;
 
+bool
+bus__store_in_callback(const bus_store *s)
+{
+    return store_cb_tl == s;
+}
+
 /* Gives the leader role to whoever leads the queue's head: a waiting
  * caller, or the writer thread for an asynchronous request. @locks wq_mtx */
 static void
@@ -1519,6 +1532,16 @@ enqueue(bus_store *s, store_req *r)
     s->inflight++;
 }
 
+/* A thread leaves the writer's calls (s->callers, which close waits
+ * for: it must not free the store under a thread still in them).
+ * @locks wq_mtx */
+static void
+caller_leave(bus_store *s)
+{
+    if (--s->callers == 0)
+        bus__cond_broadcast(&s->wq_idle);
+}
+
 int
 bus__store_submit(bus_store *s, store_req *r)
 {
@@ -1529,7 +1552,7 @@ bus__store_submit(bus_store *s, store_req *r)
     r->leader = false;
     r->has_cond = false;
     r->rv = BUS_OK;
-    if (store_cb_tl == s)
+    if (bus__store_in_callback(s))
         return BUS_EBUSY; /* from a callback: we would wait for ourselves */
 
     bus__mutex_lock(&s->wq_mtx);
@@ -1537,6 +1560,7 @@ bus__store_submit(bus_store *s, store_req *r)
         bus__mutex_unlock(&s->wq_mtx);
         return BUS_ECLOSED;
     }
+    s->callers++;
     enqueue(s, r);
     if (!s->leader_busy) {
         s->leader_busy = true; /* the queue was empty: r is its head */
@@ -1556,20 +1580,36 @@ bus__store_submit(bus_store *s, store_req *r)
         async = lead_group(s, r);
         cq_append(s, async);
     }
-    bus__mutex_unlock(&s->wq_mtx);
     if (r->has_cond)
         bus__cond_fini(&r->cond);
+    caller_leave(s);
+    bus__mutex_unlock(&s->wq_mtx);
     return r->rv;
 }
 
 /* ---- The writer thread and asynchronous appends -------------------------- */
 
-/* Runs the callbacks of a list of written asynchronous requests and frees
- * them. Returns their cost, for the window. @thread writer, no lock. */
-static size_t
-run_callbacks(store_req *list)
+/* Gives the window back the cost of answered requests. @locks wq_mtx */
+static void
+window_release(bus_store *s, size_t bytes)
 {
-    size_t freed = 0;
+    s->async_bytes -= bytes;
+    s->wr_released = 0;
+    bus__cond_broadcast(&s->async_cond);
+    if (s->async_bytes == 0)
+        bus__cond_broadcast(&s->wq_idle);
+}
+
+/* Runs the callbacks of a list of written asynchronous requests and frees
+ * them. A request's cost counts as released (s->wr_released, which an
+ * append from a callback subtracts) from its callback on, and is given
+ * back to the window every WINDOW_BATCH callbacks. @thread writer */
+#define WINDOW_BATCH 64
+
+static void
+run_callbacks(bus_store *s, store_req *list)
+{
+    unsigned k = 0;
 
     while (list != NULL) {
         store_req *r = list;
@@ -1579,13 +1619,17 @@ run_callbacks(store_req *list)
 
         list = r->next;
         res.err = r->rv;
+        s->wr_released += r->cost;
         r->cb(r->cb_arg, &res);
         for (i = 0; i < pt->n; i++)
             bus_event_unref(pt->events[i]);
-        freed += r->cost;
         bus__free(r, r->alloc_size);
+        if (++k % WINDOW_BATCH == 0 || list == NULL) {
+            bus__mutex_lock(&s->wq_mtx);
+            window_release(s, s->wr_released);
+            bus__mutex_unlock(&s->wq_mtx);
+        }
     }
-    return freed;
 }
 
 static void
@@ -1593,7 +1637,6 @@ writer_main(void *arg)
 {
     bus_store *s = arg;
     store_req *list;
-    size_t freed;
 
     store_cb_tl = s;
     bus__mutex_lock(&s->wq_mtx);
@@ -1613,12 +1656,8 @@ writer_main(void *arg)
         if (list == NULL)
             continue;
         bus__mutex_unlock(&s->wq_mtx);
-        freed = run_callbacks(list);
+        run_callbacks(s, list);
         bus__mutex_lock(&s->wq_mtx);
-        s->async_bytes -= freed;
-        bus__cond_broadcast(&s->async_cond);
-        if (s->async_bytes == 0)
-            bus__cond_broadcast(&s->wq_idle);
     }
     bus__mutex_unlock(&s->wq_mtx);
 }
@@ -1642,32 +1681,37 @@ bus__store_writer_thread_stop(bus_store *s)
 static int
 submit_async(bus_store *s, store_req *r, bool nonblock)
 {
-    int rv;
+    bool in_cb = bus__store_in_callback(s);
+    size_t busy;
+    int rv = BUS_OK;
 
-    if (store_cb_tl == s)
+    if (in_cb)
         nonblock = true; /* the writer thread frees the window */
     bus__mutex_lock(&s->wq_mtx);
+    s->callers++;
     for (;;) {
         if (atomic_load_explicit(&s->closing, memory_order_acquire) ||
             s->wr_stop) {
-            bus__mutex_unlock(&s->wq_mtx);
-            return BUS_ECLOSED;
+            rv = BUS_ECLOSED;
+            goto out;
         }
-        /* One request always fits, however large. */
-        if (s->async_bytes == 0 ||
-            s->async_bytes + r->cost <= s->cfg.max_async_bytes)
+        /* In flight, less what the callbacks running on this thread have
+         * answered (wr_released is the writer thread's own). One request
+         * always fits, however large. */
+        busy = s->async_bytes - (in_cb ? s->wr_released : 0);
+        if (busy == 0 || busy + r->cost <= s->cfg.max_async_bytes)
             break;
         if (nonblock) {
-            bus__mutex_unlock(&s->wq_mtx);
-            return BUS_EAGAIN;
+            rv = BUS_EAGAIN;
+            goto out;
         }
         bus__cond_wait(&s->async_cond, &s->wq_mtx);
     }
     if (!s->wr_started) {
-        if ((rv = bus__thread_start(&s->wr_thread, "bus-store-wr",
-                                    writer_main, s)) != BUS_OK) {
-            bus__mutex_unlock(&s->wq_mtx);
-            return rv;
+        if (bus__thread_start(&s->wr_thread, "bus-store-wr", writer_main,
+                              s) != BUS_OK) {
+            rv = BUS_ENOMEM;
+            goto out;
         }
         s->wr_started = true;
     }
@@ -1680,8 +1724,10 @@ submit_async(bus_store *s, store_req *r, bool nonblock)
         s->wr_role = true;
         bus__cond_signal(&s->wr_cond);
     }
+out:
+    caller_leave(s);
     bus__mutex_unlock(&s->wq_mtx);
-    return BUS_OK;
+    return rv;
 }
 
 /* ---- Public appends ------------------------------------------------------ */
@@ -1883,6 +1929,10 @@ submit_meta(bus_store *s, store_req_kind kind, const char *stream,
     r.cost = 64;
     if (meta != NULL)
         r.meta = *meta;
+    /* Before meta_mtx: a caller waiting for the writer thread may hold
+     * it. */
+    if (bus__store_in_callback(s))
+        return BUS_EBUSY;
     /* meta_mtx: a scavenge decides what to remove from the policies; a
      * change must not slip between its decision and its write. */
     bus__mutex_lock(&s->meta_mtx);

@@ -177,8 +177,11 @@ BUS_API int bus_store_append(bus_store *s, const char *stream,
  * queued (which is their commit order). A callback must not block: it
  * may read and queue more asynchronous appends (never blocking: a full
  * window is BUS_EAGAIN there); the blocking writer calls (bus_store_append,
- * _multi, transaction commits, metadata, deletes) return BUS_EBUSY from
- * it, and bus_store_close must not be called from it. */
+ * _multi, transaction commits, metadata, deletes, scavenge) return
+ * BUS_EBUSY from it, and bus_store_close must not be called from it. Nor
+ * may it wait on another store (a blocking call, or a blocking
+ * asynchronous append there): two stores' writer threads could wait for
+ * each other. */
 typedef void (*bus_store_append_cb)(void *opaque,
                                     const bus_store_append_result *res);
 
@@ -193,8 +196,10 @@ typedef void (*bus_store_append_cb)(void *opaque,
  * stream; freezes the events (as publishing does) and holds a reference
  * on each until the callback has returned. Blocks while the appends in
  * flight exceed cfg.max_async_bytes (not with BUS_STORE_NONBLOCK, nor in a
- * callback: BUS_EAGAIN). On an error returned here the callback never
- * runs and nothing was queued: BUS_EINVAL (also cb NULL), BUS_ETOOBIG,
+ * callback: BUS_EAGAIN; a callback's own append no longer counts there).
+ * The events are frozen even if the call fails. On an error returned here
+ * the callback never runs and nothing was queued: BUS_EINVAL (also cb
+ * NULL), BUS_ETOOBIG,
  * BUS_EAGAIN, BUS_ECLOSED, BUS_ENOMEM. bus_store_close waits for every
  * queued append and its callback. Thread: any. */
 BUS_API int bus_store_append_async(bus_store *s, const char *stream,

@@ -348,7 +348,7 @@ typedef struct reenter {
     bus_store *s;
     seen *sn;
     cb_arg next;
-    atomic_int sync_rv, async_rv;
+    atomic_int sync_rv, async_rv, meta_rv, delete_rv;
 } reenter;
 
 static void
@@ -362,6 +362,14 @@ reentering(void *opaque, const bus_store_append_result *res)
     /* A blocking append would wait for this very thread. */
     atomic_store(&r->sync_rv,
                  bus_store_append(r->s, "re", BUS_STORE_ANY, &e, 1, &sr));
+    {
+        bus_store_stream_meta m;
+        memset(&m, 0, sizeof(m));
+        m.max_count = 10;
+        atomic_store(&r->meta_rv, bus_store_stream_set_meta(r->s, "re", &m));
+    }
+    atomic_store(&r->delete_rv, bus_store_stream_delete(r->s, "re",
+                                                        BUS_STORE_ANY, false));
     atomic_store(&r->async_rv,
                  bus_store_append_async(r->s, "re", BUS_STORE_ANY, &e, 1, 0,
                                         record, &r->next));
@@ -386,11 +394,83 @@ test_callback_may_queue_but_not_block(void **state)
                      BUS_OK);
     wait_calls(&sn, 1);
     assert_int_equal(atomic_load(&r.sync_rv), BUS_EBUSY);
+    assert_int_equal(atomic_load(&r.meta_rv), BUS_EBUSY);
+    assert_int_equal(atomic_load(&r.delete_rv), BUS_EBUSY);
     assert_int_equal(atomic_load(&r.async_rv), BUS_OK);
     assert_int_equal(sn.tag[0], 9);
     assert_int_equal(sn.res[0].err, BUS_OK);
     assert_int_equal(sn.res[0].first_version, 2);
     bus_event_unref(e);
+}
+
+/* A chain: each callback queues the next append, in a window of one
+ * request. The running callback's own request no longer counts, so the
+ * next one fits (it would be BUS_EAGAIN otherwise, for ever). */
+typedef struct chain {
+    bus_store *s;
+    int left;
+    atomic_int errs;
+    atomic_int done;
+} chain;
+
+static void
+chained(void *opaque, const bus_store_append_result *res)
+{
+    chain *c = opaque;
+    bus_event *e;
+    int rv;
+
+    if (res->err != BUS_OK)
+        atomic_fetch_add(&c->errs, 1);
+    if (--c->left == 0) {
+        atomic_store(&c->done, 1);
+        return;
+    }
+    e = st_ev("t", "link");
+    rv = bus_store_append_async(c->s, "chain", res->last_version, &e, 1, 0,
+                                chained, c);
+    bus_event_unref(e);
+    if (rv != BUS_OK) {
+        atomic_fetch_add(&c->errs, 1);
+        atomic_store(&c->done, 1);
+    }
+}
+
+static int
+chain_done(void *arg)
+{
+    return atomic_load(&((chain *)arg)->done);
+}
+
+static void
+test_callback_chain_in_a_window_of_one(void **state)
+{
+    char *dir = bt_mkdtemp("bus-store-async-chain");
+    bus_store_config cfg;
+    bus_store *s;
+    bus_event *e = st_ev("t", "first");
+    chain c;
+
+    (void)state;
+    bus_store_config_init(&cfg);
+    cfg.path = dir;
+    cfg.create_if_missing = true;
+    cfg.durability = BUS_STORE_NONE;
+    cfg.max_async_bytes = 1;
+    assert_int_equal(bus_store_open(&s, &cfg, NULL, 0), BUS_OK);
+    memset(&c, 0, sizeof(c));
+    c.s = s;
+    c.left = 50;
+    assert_int_equal(bus_store_append_async(s, "chain", BUS_STORE_NO_STREAM,
+                                            &e, 1, 0, chained, &c),
+                     BUS_OK);
+    assert_true(bt_wait_for(chain_done, &c, ASYNC_WAIT_MS));
+    assert_int_equal(atomic_load(&c.errs), 0);
+    assert_int_equal(st_last_version(s, "chain"), 50);
+    bus_store_close(s);
+    bus_event_unref(e);
+    bt_rmtree(dir);
+    free(dir);
 }
 
 /* ---- Close ----------------------------------------------------------- */
@@ -525,6 +605,7 @@ main(void)
         T(test_bad_arguments_are_refused_without_a_callback),
         cmocka_unit_test(test_window_blocks_or_says_eagain),
         T(test_callback_may_queue_but_not_block),
+        cmocka_unit_test(test_callback_chain_in_a_window_of_one),
         T(test_close_waits_for_every_callback),
         cmocka_unit_test(test_async_and_blocking_appenders_share_group_commit),
 #undef T
