@@ -239,6 +239,7 @@ struct ctx_worker {
     bus__cond cond;
     ctx_batch batches[CTX_MAX_BATCH_SUBS];
     size_t n_batches;
+    bus__lat_pend pend; /* the metrics sample the next stamp closes */
 };
 
 /* Something to free after a grace period. */
@@ -660,14 +661,22 @@ typedef struct ctx_owner {
     uint64_t token;
 } ctx_owner;
 
+/* A worker's open latency sample (pipeline.h), NULL on other threads. */
+static BUS__TLS bus__lat_pend *ctx_pend_tl;
+
 /* Runs the pipeline for one delivery (s->piped): one clock read, the
  * composed chains, then the outcome to the statistics and the broker.
+ * At a worker's top level (not nested: a handler publishing to an inline
+ * subscription) the stamp also closes the previous delivery's latency
+ * sample and the delivery is offered the slot for its own.
  * Out of line: the plain call in ctx_call stays small. */
 static __attribute__((noinline)) void
 ctx_call_piped(bus_sub *s, bus_delivery *d, ctx_link *link, uint64_t token,
-               const ctx_redo *redo)
+               const ctx_redo *redo, bool nested)
 {
     ctx_owner own = {s, link, token};
+    bus__lat_pend *pend = nested ? NULL : ctx_pend_tl;
+    uint64_t now = bus__clock_mono_ns();
     bus_result res;
 
     if (redo != NULL) {
@@ -676,7 +685,10 @@ ctx_call_piped(bus_sub *s, bus_delivery *d, ctx_link *link, uint64_t token,
         d->first_fail_wall = redo->first_fail_wall;
     }
     d->owner = &own;
-    d->now_ns = bus__clock_mono_ns();
+    if (pend != NULL)
+        bus__lat_pend_close(pend, now);
+    d->pend = pend;
+    d->now_ns = now;
     res = bus_chain_run(s->outer, s->inner, d, s->fn, s->opaque);
     sub_count_result(s, res, 1);
     /* Deferred: parked with its own link count; acked when it ends. */
@@ -710,7 +722,7 @@ ctx_call(bus_sub *s, bus_event *ev, ctx_link *link, uint64_t token,
         ctx_ack_link(link, token, res);
         return;
     }
-    ctx_call_piped(s, &d, link, token, redo);
+    ctx_call_piped(s, &d, link, token, redo, prev != NULL);
     bus__trace_current = prev;
 }
 
@@ -835,12 +847,18 @@ ctx_worker_batch_for(ctx_worker *w, bus_sub *s)
 }
 
 static void
-ctx_worker_handle(ctx_worker *w, ring_entry *e)
+ctx_worker_handle(ctx_worker *w, ring_entry *e, bool last)
 {
     bus_ctx *ctx = w->ctx;
     bus_sub *s = e->sub;
     ctx_batch *b;
 
+    /* The open latency sample (pipeline.h) ends now, not later: before a
+     * handler without the pipeline's stamp runs, and before the last
+     * entry of the run is taken off the queue (whoever sees the queue
+     * drained sees every sample recorded). */
+    if (w->pend.h != NULL && (s == NULL || !s->piped || s->batch_fn != NULL))
+        bus__lat_pend_close(&w->pend, bus__clock_mono_ns());
     if (s == NULL)
         return; /* a no-op entry from an abandoned claim */
     if (ctx_drain_expired(ctx)) {
@@ -871,6 +889,8 @@ ctx_worker_handle(ctx_worker *w, ring_entry *e)
         if (e->redo != NULL)
             bus__free(e->redo, sizeof(*e->redo));
     }
+    if (last && w->pend.h != NULL)
+        bus__lat_pend_close(&w->pend, bus__clock_mono_ns());
     /* release: our last use of s happens-before its reclamation. */
     atomic_fetch_add_explicit(&s->deq, 1, memory_order_release);
 }
@@ -972,13 +992,14 @@ ctx_worker_main(void *arg)
     bus_ctx *ctx = w->ctx;
     ring_entry batch[CTX_POP_BATCH];
 
+    ctx_pend_tl = &w->pend;
     for (;;) {
         size_t n = ring_pop(&w->q, batch, CTX_POP_BATCH), i;
 
         if (n > 0) {
             uint32_t tok = bus__rcu_enter(&ctx->rcu);
             for (i = 0; i < n; i++)
-                ctx_worker_handle(w, &batch[i]);
+                ctx_worker_handle(w, &batch[i], i + 1 == n);
             if (!ring_ready(&w->q))
                 ctx_worker_flush_batches(w, true);
             bus__rcu_exit(&ctx->rcu, tok);

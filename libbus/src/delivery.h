@@ -9,6 +9,9 @@
 
 #define BUS_DELIVERY_MSG_MAX 256
 
+/* A latency sample whose end the dispatcher will give (pipeline.h). */
+typedef struct bus__lat_pend bus__lat_pend;
+
 struct bus_delivery {
     bus_event *event;
     const char *topic;
@@ -28,6 +31,10 @@ struct bus_delivery {
      * after the handler (left by the first middleware that read it). */
     uint64_t now_ns;
     uint64_t end_ns;
+    /* Offered by a worker that goes straight on to its next delivery:
+     * the metrics middleware may leave its latency sample here, to be
+     * closed by the worker's next stamp (pipeline.h); NULL: not offered. */
+    bus__lat_pend *pend;
 };
 
 /* Prepares d for one call: clears the error. */
@@ -50,6 +57,7 @@ bus__delivery_init(bus_delivery *d, bus_event *ev, const char *topic,
     d->first_fail_wall = 0;
     d->now_ns = 0;
     d->end_ns = 0;
+    d->pend = NULL;
 }
 
 #endif

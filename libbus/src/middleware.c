@@ -289,6 +289,7 @@ policy_fn(bus_delivery *d, const bus_next *next, void *state)
 
         uint64_t now = bus__delivery_end(d, &s->p.clock);
         int64_t wall = bus__clock_real_ns();
+        bus__delivery_settle(d); /* the attempt ends here, not after */
         if (d->first_fail_ns == 0) {
             d->first_fail_ns = now;
             d->first_fail_wall = wall;
@@ -680,13 +681,19 @@ metrics_fn(bus_delivery *d, const bus_next *next, void *state)
     if (e == NULL)
         return bus_next_call(next, d);
     bus__counter_add(e->delivered, 1);
+    bus__delivery_settle(d); /* an earlier attempt's sample, if any */
     t0 = d->now_ns != 0 ? d->now_ns : bus__clock_mono_ns();
     r = bus_next_call(next, d);
-    /* The one clock read after the handler (unless an inner middleware
-     * left it in d->end_ns): the latency histogram needs the real end
-     * time; a coarse clock (4 ms steps) or the next delivery's stamp
-     * (which includes the worker's idle time) would not be a latency. */
-    bus__hist_record(e->latency, bus__delivery_end(d, NULL) - t0);
+    /* The end of the sample: an inner middleware's reading (d->end_ns);
+     * else, on a worker that offers it, its next stamp (pipeline.h,
+     * bus__lat_pend: never its idle time, which it closes before); else
+     * one clock read. A coarse clock (4 ms steps) would be no latency. */
+    if (d->end_ns == 0 && d->pend != NULL && d->pend->h == NULL) {
+        d->pend->h = e->latency;
+        d->pend->t0 = t0;
+    } else {
+        bus__hist_record(e->latency, bus__delivery_end(d, NULL) - t0);
+    }
     f = d->flags;
     if (__builtin_expect(f == 0 && d->retries == 0, 1)) {
         if (r == BUS_ACK)

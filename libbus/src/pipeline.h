@@ -110,6 +110,40 @@ bus__cell_add(_Atomic uint64_t *cell, uint64_t n, bool owned)
 void bus__counter_add(bus_counter *c, uint64_t n);
 void bus__hist_record(bus_hist *h, uint64_t ns);
 
+/* A latency sample left open (delivery.h, d->pend). A queued worker
+ * stamps each delivery anyway (d->now_ns); when it goes straight on from
+ * one delivery to the next, that stamp is also the end of the previous
+ * handler call, so the metrics middleware need not read the clock after
+ * the handler: it leaves (h, t0) here, and the worker closes it with its
+ * next stamp, or with a clock read before anything else runs (a handler
+ * without pipeline, a batch, going idle, leaving the read section that
+ * keeps h alive). What lies between the handler's return and that stamp
+ * (the result counted, the broker's ack, the next entry taken) counts in
+ * the sample. One sample at a time: a second metrics middleware in the
+ * same delivery reads the clock as before. */
+struct bus__lat_pend {
+    bus_hist *h; /* NULL: nothing open */
+    uint64_t t0;
+};
+
+static inline void
+bus__lat_pend_close(bus__lat_pend *p, uint64_t end_ns)
+{
+    if (p->h != NULL) {
+        bus__hist_record(p->h, end_ns - p->t0);
+        p->h = NULL;
+    }
+}
+
+/* Closes d's open sample now, before time passes that is not the
+ * handler's (a retry's backoff). */
+static inline void
+bus__delivery_settle(bus_delivery *d)
+{
+    if (d->pend != NULL && d->pend->h != NULL)
+        bus__lat_pend_close(d->pend, bus__delivery_end(d, NULL));
+}
+
 /* A chain's middlewares (n of them), for the dispatcher, which composes
  * the per-subscription chain it runs. */
 const bus_middleware *bus__chain_items(const bus_chain *c, size_t *n);
