@@ -734,6 +734,21 @@ prom_value(const prom_doc *doc, const char *name, const char *const *kv,
     return s->value;
 }
 
+/* m's Prometheus text, parsed into *doc; the text is returned (free it
+ * with bus_metrics_text_free after doc). */
+static char *
+scrape(bus_metrics *m, prom_doc *doc)
+{
+    char err[256], *text;
+    size_t len;
+
+    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
+    memset(doc, 0, sizeof(*doc));
+    if (prom_parse(text, doc, err, sizeof(err)) != 0)
+        fail_msg("prometheus text: %s\n%s", err, text);
+    return text;
+}
+
 static void
 test_metrics_in_prometheus_text(void **state)
 {
@@ -746,7 +761,7 @@ test_metrics_in_prometheus_text(void **state)
     static const char *const kvd[] = {"subscription", "billing", "shard", ""};
     static const char *const kvs[] = {"subscription", "", "shard", "0"};
     static const char *const kvb[] = {"broker", "mem"};
-    char err[256], *text;
+    char *text;
     size_t len;
     prom_doc doc;
     bus_metrics *m;
@@ -779,10 +794,7 @@ test_metrics_in_prometheus_text(void **state)
      * result: wait for that before reading bus_queue_depth. */
     assert_int_equal(queued_wait(s, 0), 0);
 
-    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
-    memset(&doc, 0, sizeof(doc));
-    if (prom_parse(text, &doc, err, sizeof(err)) != 0)
-        fail_msg("prometheus text: %s\n%s", err, text);
+    text = scrape(m, &doc);
     assert_true(prom_value(&doc, "bus_deliveries_total", kv, 2) == 7);
     assert_true(prom_value(&doc, "bus_deliveries_ok_total", kv, 2) == 5);
     assert_true(prom_value(&doc, "bus_deliveries_retried_total", kv, 2) == 1);
@@ -845,10 +857,9 @@ test_queued_latency_samples_exclude_idle_time(void **state)
     bus_sub_config sc = bt_sub_cfg(BUS_DISPATCH_QUEUED);
     static const char *const kv[] = {"topic", "lat.x", "subscription",
                                      "lat"};
-    char err[256], *text;
+    char *text;
     atomic_int calls = 0;
     drained w;
-    size_t len;
     prom_doc doc;
     bus_metrics *m;
     bus_ctx *ctx;
@@ -867,10 +878,7 @@ test_queued_latency_samples_exclude_idle_time(void **state)
         publish(ctx, "lat.x", ev_stream("k"));
     w.n = 3;
     assert_true(bt_wait_for(drained_reached, &w, BT_WAIT_MS));
-    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
-    memset(&doc, 0, sizeof(doc));
-    if (prom_parse(text, &doc, err, sizeof(err)) != 0)
-        fail_msg("prometheus text: %s\n%s", err, text);
+    text = scrape(m, &doc);
     /* Drained: all three recorded. */
     assert_true(prom_value(&doc, "bus_handler_latency_seconds_count", kv, 2)
                 == 3);
@@ -881,10 +889,7 @@ test_queued_latency_samples_exclude_idle_time(void **state)
     publish(ctx, "lat.x", ev_stream("k"));
     w.n = 4;
     assert_true(bt_wait_for(drained_reached, &w, BT_WAIT_MS));
-    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
-    memset(&doc, 0, sizeof(doc));
-    if (prom_parse(text, &doc, err, sizeof(err)) != 0)
-        fail_msg("prometheus text: %s\n%s", err, text);
+    text = scrape(m, &doc);
     assert_true(prom_value(&doc, "bus_handler_latency_seconds_count", kv, 2)
                 == 4);
     sum = prom_value(&doc, "bus_handler_latency_seconds_sum", kv, 2);
@@ -914,7 +919,7 @@ test_deadline_overruns_counted_in_metrics(void **state)
     bus_failure_policy p;
     bus_sub_config sc = bt_sub_cfg(BUS_DISPATCH_INLINE);
     static const char *const kv[] = {"subscription", "slow"};
-    char err[256], *text;
+    char *text;
     size_t len;
     prom_doc doc;
     bus_metrics *m;
@@ -932,10 +937,7 @@ test_deadline_overruns_counted_in_metrics(void **state)
         bus_subscribe(ctx, "jobs.run", slow_handler, &mc, &sc, NULL), BUS_OK);
     publish(ctx, "jobs.run", ev_stream("a")); /* inline: done on return */
     publish(ctx, "jobs.run", ev_stream("b"));
-    assert_int_equal(bus_metrics_prometheus_alloc(m, &text, &len), BUS_OK);
-    memset(&doc, 0, sizeof(doc));
-    if (prom_parse(text, &doc, err, sizeof(err)) != 0)
-        fail_msg("prometheus text: %s\n%s", err, text);
+    text = scrape(m, &doc);
     assert_true(prom_value(&doc, "bus_handler_overruns_total", kv, 1) == 2);
     prom_doc_free(&doc);
     bus_metrics_text_free(text);

@@ -73,6 +73,26 @@ wait_calls(seen *sn, size_t n)
     assert_true(bt_wait_for(calls_reached, &w, ASYNC_WAIT_MS));
 }
 
+/* A store without fsync in dir, with a window of max_async_bytes and at
+ * most max_events events an append (0: the defaults). */
+static bus_store *
+open_small(const char *dir, size_t max_async_bytes, uint32_t max_events)
+{
+    bus_store_config cfg;
+    bus_store *s = NULL;
+
+    bus_store_config_init(&cfg);
+    cfg.path = dir;
+    cfg.create_if_missing = true;
+    cfg.durability = BUS_STORE_NONE;
+    if (max_async_bytes != 0)
+        cfg.max_async_bytes = max_async_bytes;
+    if (max_events != 0)
+        cfg.max_append_events = max_events;
+    assert_int_equal(bus_store_open(&s, &cfg, NULL, 0), BUS_OK);
+    return s;
+}
+
 static int
 append_one(bus_store *s, const char *stream, uint64_t expected,
            unsigned flags, cb_arg *a)
@@ -181,7 +201,6 @@ test_bad_arguments_are_refused_without_a_callback(void **state)
     st_fix *f = *state;
     bus_event *e = st_ev("t", "x");
     bus_event *none = NULL;
-    bus_store_config cfg;
     bus_store *small;
     char *dir = bt_mkdtemp("bus-store-async-lim");
     seen sn;
@@ -210,12 +229,7 @@ test_bad_arguments_are_refused_without_a_callback(void **state)
                                             0, record, &a),
                      BUS_EINVAL);
 
-    bus_store_config_init(&cfg);
-    cfg.path = dir;
-    cfg.create_if_missing = true;
-    cfg.durability = BUS_STORE_NONE;
-    cfg.max_append_events = 1;
-    assert_int_equal(bus_store_open(&small, &cfg, NULL, 0), BUS_OK);
+    small = open_small(dir, 0, 1);
     {
         bus_event *two[2] = {e, e};
         assert_int_equal(bus_store_append_async(small, "s", BUS_STORE_ANY,
@@ -281,7 +295,6 @@ static void
 test_window_blocks_or_says_eagain(void **state)
 {
     char *dir = bt_mkdtemp("bus-store-async-win");
-    bus_store_config cfg;
     bus_store *s;
     bus_event *e = st_ev("t", "w");
     bus__thread th;
@@ -296,12 +309,7 @@ test_window_blocks_or_says_eagain(void **state)
     pthread_mutex_init(&g.mtx, NULL);
     pthread_cond_init(&g.cond, NULL);
     g.sn = &sn;
-    bus_store_config_init(&cfg);
-    cfg.path = dir;
-    cfg.create_if_missing = true;
-    cfg.durability = BUS_STORE_NONE;
-    cfg.max_async_bytes = 1; /* one request in flight at a time */
-    assert_int_equal(bus_store_open(&s, &cfg, NULL, 0), BUS_OK);
+    s = open_small(dir, 1, 0); /* one request in flight at a time */
 
     /* The first always fits; its callback holds the window. */
     assert_int_equal(bus_store_append_async(s, "w", BUS_STORE_ANY, &e, 1, 0,
@@ -446,18 +454,12 @@ static void
 test_callback_chain_in_a_window_of_one(void **state)
 {
     char *dir = bt_mkdtemp("bus-store-async-chain");
-    bus_store_config cfg;
     bus_store *s;
     bus_event *e = st_ev("t", "first");
     chain c;
 
     (void)state;
-    bus_store_config_init(&cfg);
-    cfg.path = dir;
-    cfg.create_if_missing = true;
-    cfg.durability = BUS_STORE_NONE;
-    cfg.max_async_bytes = 1;
-    assert_int_equal(bus_store_open(&s, &cfg, NULL, 0), BUS_OK);
+    s = open_small(dir, 1, 0);
     memset(&c, 0, sizeof(c));
     c.s = s;
     c.left = 50;
