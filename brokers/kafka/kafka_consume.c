@@ -760,6 +760,8 @@ kafka_single_target(kafka_cons *c, kafka_part *p)
     if (p->n_subs == 0 || (c->group == NULL && p->n_subs != 1))
         return NULL;
     s = p->subs[c->group != NULL ? (uint32_t)p->partition % p->n_subs : 0];
+    if (s->dead)
+        return NULL; /* unsubscribed during a close: still in p->subs */
     s->refs++;
     return s;
 }
@@ -2047,8 +2049,25 @@ kafka_unsubscribe(void *priv, void *handle)
 
     bus__mutex_lock(&kb->smtx);
     if (!kafka_reg_del(kb, s)) {
+        kafka_cons *tc = kafka_tl_cons;
+        kafka_sub *x;
+
         bus__mutex_unlock(&kb->smtx);
-        return; /* not ours, or already gone */
+        /* Not ours, or already gone, or taken out of the registry by a
+         * close (kafka_subs_stop) that raced with this unsubscribe from a
+         * handler: the thread would then go on calling s until it sees
+         * stop, after this returned. A subscription still on this
+         * thread's list lives until the thread is joined: mark it dead so
+         * that no further call of it starts. */
+        if (on_thread && tc != NULL) {
+            bus__mutex_lock(&tc->mtx);
+            for (x = tc->subs; x != NULL && x != s; x = x->next)
+                ;
+            if (x != NULL)
+                s->dead = true;
+            bus__mutex_unlock(&tc->mtx);
+        }
+        return;
     }
     c = s->cons;
     bus__mutex_lock(&c->mtx);

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kafka_test_util.h"
@@ -99,8 +100,14 @@ kt_rec_deliver(void *opaque, const char *topic, bus_event *ev, uint64_t token,
         bus_event_unref(ev);
     if (r->mode == KT_ACK_INLINE)
         bus__broker_ack(r->b, r->handle, token, r->inline_result);
-    if (atomic_load(&r->unsubscribe_in_call) == calls)
+    if (atomic_load(&r->unsubscribe_in_call) == calls) {
+        int ms = atomic_load(&r->unsubscribe_after_ms);
+        if (ms > 0) {
+            struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+            nanosleep(&ts, NULL);
+        }
         bus__broker_unsubscribe(r->b, r->handle);
+    }
     return BUS_OK;
 }
 

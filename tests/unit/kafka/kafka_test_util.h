@@ -49,9 +49,11 @@ typedef struct kt_rec {
     bus_broker *b;    /* for inline acks */
     void *handle;
     bus_result inline_result;
-    _Atomic int unsubscribe_in_call; /* > 0: unsubscribe self on that call */
-    _Atomic int refuse_from_call;    /* > 0: from that call on, refuse
-                                      * until refuse is set to 0 */
+    _Atomic int unsubscribe_in_call;  /* > 0: unsubscribe self on that call */
+    _Atomic int unsubscribe_after_ms; /* ... after sleeping this long in it
+                                       * (to let a close overtake it) */
+    _Atomic int refuse_from_call;     /* > 0: from that call on, refuse
+                                       * until refuse is set to 0 */
 } kt_rec;
 
 void kt_rec_init(kt_rec *r, bus_broker *b, kt_mode mode);

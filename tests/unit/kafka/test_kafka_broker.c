@@ -808,6 +808,34 @@ test_unsubscribe_from_inside_a_delivery(void **state)
     kt_rec_free(&r);
 }
 
+/* The same, overtaken by a close: close takes every subscription out of
+ * the registry before it joins the consumers, so the unsubscribe finds
+ * the handle gone; still no call starts after it (the consumer thread
+ * went on with the rest of the run). The handler sleeps in the call
+ * before unsubscribing so that the close gets there first. */
+static void
+test_unsubscribe_from_inside_a_delivery_during_close(void **state)
+{
+    char topic[64];
+    bus_broker *b = kt_open(MOCK);
+    kt_rec r;
+    size_t i;
+
+    (void)state;
+    kt_unique(topic, sizeof(topic), "selfunsubclose");
+    kt_rec_init(&r, b, KT_ACK_INLINE);
+    atomic_store(&r.unsubscribe_in_call, 2);
+    atomic_store(&r.unsubscribe_after_ms, 300);
+    kt_rec_sub(&r, topic, NULL);
+    for (i = 0; i < 10; i++)
+        kt_publish(b, topic, "t.x", "s", "p");
+    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
+    assert_true(kt_rec_wait(&r, 2, DEADLINE_MS));
+    bus_broker_close(b); /* meanwhile call 2 sleeps, then unsubscribes */
+    assert_int_equal(kt_rec_count(&r), 2);
+    kt_rec_free(&r);
+}
+
 /* ---- Errors, backpressure, health, close --------------------------------- */
 
 static void
@@ -1069,6 +1097,7 @@ main(void)
         cmocka_unit_test(test_refusal_in_the_middle_of_a_run),
         cmocka_unit_test(test_max_inflight_bounds_unfinished_deliveries),
         cmocka_unit_test(test_unsubscribe_from_inside_a_delivery),
+        cmocka_unit_test(test_unsubscribe_from_inside_a_delivery_during_close),
         cmocka_unit_test(test_delivery_errors_are_mapped),
         cmocka_unit_test(test_map_err_table),
         cmocka_unit_test(test_full_queue_follows_the_policy),
