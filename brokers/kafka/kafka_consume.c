@@ -542,6 +542,42 @@ kafka_targets(kafka_cons *c, kafka_part *p)
     return n;
 }
 
+/* Calls s's deliver function with ev (a reference of the bus's is the
+ * caller's to take). A full queue usually drains within a moment: a
+ * refusal is retried briefly before the caller pays for a pause and a
+ * refetch. Returns fn's answer. @thread the consumer's, no lock held,
+ * c->calling set. */
+static int
+kafka_call(kafka_sub *s, kafka_part *p, bus_event *ev, int64_t off)
+{
+    uint64_t t0 = 0;
+    int rv;
+
+    for (;;) {
+        rv = s->fn(s->opaque, p->btopic, ev, kafka_token(p, off),
+                   BUS_PUB_NONBLOCK);
+        if (rv != BUS_EAGAIN)
+            return rv;
+        if (t0 == 0)
+            t0 = kafka_now();
+        else if (kafka_now() - t0 > KAFKA_SPIN_NS)
+            return rv;
+        bus__thread_yield();
+    }
+}
+
+/* After a call: clears c->calling, applies the acks the handler gave
+ * during it and wakes an unsubscribe waiting for the call to end.
+ * @locks c->mtx */
+static void
+kafka_call_done(kafka_cons *c)
+{
+    c->calling = NULL;
+    kafka_apply_defacks(c);
+    if (c->calling_waiters > 0)
+        bus__cond_broadcast(&c->cond);
+}
+
 /* Hands ev to s (tracker first: the ack may come before fn returns).
  * Returns BUS_OK when s took it or is gone, else its refusal. When s took
  * it (or is gone), s's reference is dropped (*gone gets s when that was
@@ -552,7 +588,6 @@ static int
 kafka_offer(kafka_cons *c, kafka_part *p, kafka_sub *s, bus_event *ev,
             int64_t off, bool advance, kafka_sub **gone)
 {
-    uint64_t t0 = 0;
     bus_event *back = NULL;
     kt *t;
     int rv;
@@ -578,25 +613,10 @@ kafka_offer(kafka_cons *c, kafka_part *p, kafka_sub *s, bus_event *ev,
     c->deferring = s;
 
     bus_event_ref(ev); /* the bus's, if it takes it */
-    for (;;) {
-        rv = s->fn(s->opaque, p->btopic, ev, kafka_token(p, off),
-                   BUS_PUB_NONBLOCK);
-        if (rv != BUS_EAGAIN)
-            break;
-        /* A full queue usually drains within a moment: retry briefly
-         * before paying for a pause and a refetch. */
-        if (t0 == 0)
-            t0 = kafka_now();
-        else if (kafka_now() - t0 > KAFKA_SPIN_NS)
-            break;
-        bus__thread_yield();
-    }
+    rv = kafka_call(s, p, ev, off);
 
     bus__mutex_lock(&c->mtx);
-    c->calling = NULL;
-    kafka_apply_defacks(c);
-    if (c->calling_waiters > 0)
-        bus__cond_broadcast(&c->cond); /* an unsubscribe waits for it */
+    kafka_call_done(c);
     if (rv != BUS_OK) {
         (void)kt_cancel_last(t, &back); /* no handler saw it */
         bus__mutex_unlock(&c->mtx);
@@ -797,7 +817,6 @@ kafka_process_run(kafka_cons *c, kafka_part *p, rd_kafka_message_t **msgs,
     int64_t off = msgs[0]->offset, noff;
     uint32_t taken = 1, delivered = 0;
     kafka_sub *s, *gone = NULL;
-    uint64_t t0;
     kt *t;
     int rv;
 
@@ -827,29 +846,14 @@ kafka_process_run(kafka_cons *c, kafka_part *p, rd_kafka_message_t **msgs,
     for (;;) {
         c->deferring = s;
         bus_event_ref(cur); /* the bus's, if it takes it */
-        for (t0 = 0;;) {
-            rv = s->fn(s->opaque, p->btopic, cur, kafka_token(p, off),
-                       BUS_PUB_NONBLOCK);
-            if (rv != BUS_EAGAIN)
-                break;
-            /* A full queue usually drains within a moment: retry briefly
-             * before paying for a pause and a refetch. */
-            if (t0 == 0)
-                t0 = kafka_now();
-            else if (kafka_now() - t0 > KAFKA_SPIN_NS)
-                break;
-            bus__thread_yield();
-        }
+        rv = kafka_call(s, p, cur, off);
         nxt = NULL;
         noff = taken < n ? msgs[taken]->offset : -1;
         if (rv == BUS_OK && taken < n && kafka_convert(c, p, msgs[taken], &nxt))
             taken++;
 
         bus__mutex_lock(&c->mtx);
-        c->calling = NULL;
-        kafka_apply_defacks(c);
-        if (c->calling_waiters > 0)
-            bus__cond_broadcast(&c->cond); /* an unsubscribe waits for it */
+        kafka_call_done(c);
         if (rv != BUS_OK) {
             /* No handler saw it. The reference the bus did not take is
              * ours now (for the hold); the tracker drops its own. */

@@ -293,19 +293,6 @@ bus__thread_slot_claim(void)
     return metrics_slot_claim();
 }
 
-/* Adds n to *cell: owned (only this thread writes it) with a plain load
- * and store, else with an atomic add. Relaxed: metrics order nothing. */
-static inline void
-cell_add(_Atomic uint64_t *cell, uint64_t n, bool owned)
-{
-    if (owned)
-        atomic_store_explicit(
-            cell, atomic_load_explicit(cell, memory_order_relaxed) + n,
-            memory_order_relaxed);
-    else
-        atomic_fetch_add_explicit(cell, n, memory_order_relaxed);
-}
-
 /* The callback series this thread is calling (snapshot phase 2), so that
  * a release from inside the callback knows not to wait for itself. */
 static _Thread_local const metrics_series *metrics_calling;
@@ -1195,7 +1182,7 @@ bus__counter_add(bus_counter *c, uint64_t n)
         return;
     k = metrics_slot();
     owned = __builtin_expect(k <= c->s.excl, 1);
-    cell_add((_Atomic uint64_t *)(void *)(c->s.cells +
+    bus__cell_add((_Atomic uint64_t *)(void *)(c->s.cells +
                                           (size_t)(owned ? k - 1 : c->s.excl) *
                                               BUS_CACHELINE),
              n, owned);
@@ -1323,11 +1310,11 @@ bus__hist_record(bus_hist *h, uint64_t ns)
                                 (size_t)(owned ? k - 1 : h->s.excl) *
                                     h->s.stride);
     i = ns < h->s.limit ? hist_index(ns) : h->s.nb;
-    cell_add(&sh->b[i], 1, owned);
+    bus__cell_add(&sh->b[i], 1, owned);
     split = h->s.straddle[i];
     if (__builtin_expect(split != 0, 0) && ns <= h->s.bounds[split - 1])
-        cell_add(&sh->b[h->s.nb + split], 1, owned);
-    cell_add(&sh->sum, ns, owned);
+        bus__cell_add(&sh->b[h->s.nb + split], 1, owned);
+    bus__cell_add(&sh->sum, ns, owned);
 }
 
 uint64_t
