@@ -44,6 +44,7 @@
 
 #include "alloc.h"
 #include "platform.h"
+#include "wbuf.h"
 
 #define HEALTH_TIMEOUT_DEFAULT_MS 1000
 #define HEALTH_CLOSE_TIMEOUT_DEFAULT_MS 2000
@@ -824,28 +825,6 @@ bus_health_run(bus_health *h, unsigned views, bus_health_report **out)
 
 /* ---- JSON --------------------------------------------------------------- */
 
-typedef struct wbuf {
-    char *buf;
-    size_t cap;
-    size_t len;
-} wbuf;
-
-static void
-w_put(wbuf *w, const char *s, size_t n)
-{
-    if (w->len < w->cap) {
-        size_t room = w->cap - w->len;
-        memcpy(w->buf + w->len, s, n < room ? n : room);
-    }
-    w->len += n;
-}
-
-static void
-w_str(wbuf *w, const char *s)
-{
-    w_put(w, s, strlen(s));
-}
-
 /* Length of the valid UTF-8 sequence at s (1..4), or 0 when invalid. */
 static size_t
 utf8_seq(const unsigned char *s)
@@ -879,22 +858,22 @@ utf8_seq(const unsigned char *s)
  * each byte that does not start valid UTF-8 becomes U+FFFD (a message
  * cut at BUS_HEALTH_MSG_MAX may end inside a character). */
 static void
-w_json_str(wbuf *w, const char *str)
+w_json_str(bus__wbuf *w, const char *str)
 {
     const unsigned char *s = (const unsigned char *)str;
     char esc[8];
 
-    w_put(w, "\"", 1);
+    bus__wbuf_put(w, "\"", 1);
     while (*s != '\0') {
         size_t n = utf8_seq(s);
 
         if (n == 0) {
-            w_str(w, "\\ufffd");
+            bus__wbuf_str(w, "\\ufffd");
             s++;
         } else if (*s == '"' || *s == '\\') {
             esc[0] = '\\';
             esc[1] = (char)*s;
-            w_put(w, esc, 2);
+            bus__wbuf_put(w, esc, 2);
             s++;
         } else if (*s < 0x20) {
             const char *e = *s == '\n'   ? "\\n"
@@ -905,85 +884,85 @@ w_json_str(wbuf *w, const char *str)
                 snprintf(esc, sizeof(esc), "\\u%04x", *s);
                 e = esc;
             }
-            w_str(w, e);
+            bus__wbuf_str(w, e);
             s++;
         } else {
-            w_put(w, (const char *)s, n);
+            bus__wbuf_put(w, (const char *)s, n);
             s += n;
         }
     }
-    w_put(w, "\"", 1);
+    bus__wbuf_put(w, "\"", 1);
 }
 
 /* ns as milliseconds with 3 decimals, in integers (no locale). */
 static void
-w_ms(wbuf *w, uint64_t ns)
+w_ms(bus__wbuf *w, uint64_t ns)
 {
     char tmp[32];
     int n = snprintf(tmp, sizeof(tmp), "%llu.%03llu",
                      (unsigned long long)(ns / NS_PER_MS),
                      (unsigned long long)(ns / 1000 % 1000));
 
-    w_put(w, tmp, (size_t)n);
+    bus__wbuf_put(w, tmp, (size_t)n);
 }
 
 static void
-w_status(wbuf *w, const char *key, bus_health_status st)
+w_status(bus__wbuf *w, const char *key, bus_health_status st)
 {
-    w_put(w, ",\"", 2);
-    w_str(w, key);
-    w_put(w, "\":\"", 3);
-    w_str(w, bus_health_status_name(st));
-    w_put(w, "\"", 1);
+    bus__wbuf_put(w, ",\"", 2);
+    bus__wbuf_str(w, key);
+    bus__wbuf_put(w, "\":\"", 3);
+    bus__wbuf_str(w, bus_health_status_name(st));
+    bus__wbuf_put(w, "\"", 1);
 }
 
 int
 bus_health_report_json(const bus_health_report *r, char *buf, size_t cap,
                        size_t *len)
 {
-    wbuf w = {buf, cap, 0};
+    bus__wbuf w = {buf, cap, 0};
     char tmp[32];
     size_t i;
     int n;
 
     if (r == NULL || (buf == NULL && cap > 0))
         return BUS_EINVAL;
-    w_str(&w, "{\"status\":\"");
-    w_str(&w, bus_health_status_name(r->status));
-    w_put(&w, "\"", 1);
+    bus__wbuf_str(&w, "{\"status\":\"");
+    bus__wbuf_str(&w, bus_health_status_name(r->status));
+    bus__wbuf_put(&w, "\"", 1);
     if (r->views & BUS_HEALTH_LIVENESS)
         w_status(&w, "liveness", r->liveness);
     if (r->views & BUS_HEALTH_READINESS)
         w_status(&w, "readiness", r->readiness);
-    w_str(&w, ",\"duration_ms\":");
+    bus__wbuf_str(&w, ",\"duration_ms\":");
     w_ms(&w, r->duration_ns);
     n = snprintf(tmp, sizeof(tmp), "%lld", (long long)r->taken_ms);
-    w_str(&w, ",\"timestamp_ms\":");
-    w_put(&w, tmp, (size_t)n);
-    w_str(&w, ",\"checks\":[");
+    bus__wbuf_str(&w, ",\"timestamp_ms\":");
+    bus__wbuf_put(&w, tmp, (size_t)n);
+    bus__wbuf_str(&w, ",\"checks\":[");
     for (i = 0; i < r->nchecks; i++) {
         const bus_health_result *c = &r->checks[i];
         if (i > 0)
-            w_put(&w, ",", 1);
-        w_str(&w, "{\"name\":");
+            bus__wbuf_put(&w, ",", 1);
+        bus__wbuf_str(&w, "{\"name\":");
         w_json_str(&w, c->name);
         w_status(&w, "status", c->status);
-        w_str(&w, ",\"message\":");
+        bus__wbuf_str(&w, ",\"message\":");
         w_json_str(&w, c->message);
-        w_str(&w, ",\"duration_ms\":");
+        bus__wbuf_str(&w, ",\"duration_ms\":");
         w_ms(&w, c->duration_ns);
-        w_str(&w, ",\"views\":[");
+        bus__wbuf_str(&w, ",\"views\":[");
         if (c->views & BUS_HEALTH_LIVENESS)
-            w_str(&w, "\"liveness\"");
+            bus__wbuf_str(&w, "\"liveness\"");
         if ((c->views & BUS_HEALTH_BOTH) == BUS_HEALTH_BOTH)
-            w_put(&w, ",", 1);
+            bus__wbuf_put(&w, ",", 1);
         if (c->views & BUS_HEALTH_READINESS)
-            w_str(&w, "\"readiness\"");
-        w_str(&w, "],\"timed_out\":");
-        w_str(&w, c->timed_out ? "true" : "false");
-        w_put(&w, "}", 1);
+            bus__wbuf_str(&w, "\"readiness\"");
+        bus__wbuf_str(&w, "],\"timed_out\":");
+        bus__wbuf_str(&w, c->timed_out ? "true" : "false");
+        bus__wbuf_put(&w, "}", 1);
     }
-    w_str(&w, "]}");
+    bus__wbuf_str(&w, "]}");
     if (len != NULL)
         *len = w.len;
     if (cap > 0)

@@ -58,6 +58,7 @@
 #include "alloc.h"
 #include "pipeline.h"
 #include "platform.h"
+#include "wbuf.h"
 
 #define METRICS_NAME_MAX 200   /* bytes in a metric or label name */
 #define METRICS_VALUE_MAX 4096 /* bytes in a label value */
@@ -1182,10 +1183,11 @@ bus__counter_add(bus_counter *c, uint64_t n)
         return;
     k = metrics_slot();
     owned = __builtin_expect(k <= c->s.excl, 1);
-    bus__cell_add((_Atomic uint64_t *)(void *)(c->s.cells +
-                                          (size_t)(owned ? k - 1 : c->s.excl) *
-                                              BUS_CACHELINE),
-             n, owned);
+    bus__cell_add(
+        (_Atomic uint64_t *)(void *)(c->s.cells +
+                                     (size_t)(owned ? k - 1 : c->s.excl) *
+                                         BUS_CACHELINE),
+        n, owned);
 }
 
 void
@@ -1723,33 +1725,10 @@ bus_metrics_snapshot_find(const bus_metrics_snapshot *s, const char *name,
 
 /* ---- Prometheus text ---------------------------------------------------- */
 
-/* Appends to a caller buffer, counting what did not fit, as snprintf. */
-typedef struct wbuf {
-    char *buf;
-    size_t cap;
-    size_t len;
-} wbuf;
-
-static void
-w_put(wbuf *w, const char *s, size_t n)
-{
-    if (w->len < w->cap) {
-        size_t room = w->cap - w->len;
-        memcpy(w->buf + w->len, s, n < room ? n : room);
-    }
-    w->len += n;
-}
-
-static void
-w_str(wbuf *w, const char *s)
-{
-    w_put(w, s, strlen(s));
-}
-
 /* Escapes per the format: in HELP, backslash and newline; in label values
  * also the double quote. */
 static void
-w_escaped(wbuf *w, const char *s, bool quote)
+w_escaped(bus__wbuf *w, const char *s, bool quote)
 {
     const char *run = s;
 
@@ -1763,16 +1742,16 @@ w_escaped(wbuf *w, const char *s, bool quote)
             esc = "\\\"";
         if (esc == NULL)
             continue;
-        w_put(w, run, (size_t)(s - run));
-        w_str(w, esc);
+        bus__wbuf_put(w, run, (size_t)(s - run));
+        bus__wbuf_str(w, esc);
         run = s + 1;
     }
-    w_put(w, run, (size_t)(s - run));
+    bus__wbuf_put(w, run, (size_t)(s - run));
 }
 
 /* By hand: snprintf was a third of the rendering time. */
 static void
-w_u64(wbuf *w, uint64_t v)
+w_u64(bus__wbuf *w, uint64_t v)
 {
     char tmp[20];
     size_t i = sizeof(tmp);
@@ -1781,14 +1760,14 @@ w_u64(wbuf *w, uint64_t v)
         tmp[--i] = (char)('0' + v % 10);
         v /= 10;
     } while (v != 0);
-    w_put(w, tmp + i, sizeof(tmp) - i);
+    bus__wbuf_put(w, tmp + i, sizeof(tmp) - i);
 }
 
 /* Nanoseconds as decimal seconds, exactly ("0.0025", "12.5", "3"): integer
  * arithmetic, so no rounding and no dependence on the C locale's decimal
  * point. */
 static void
-w_seconds(wbuf *w, uint64_t ns)
+w_seconds(bus__wbuf *w, uint64_t ns)
 {
     char frac[10];
     int n;
@@ -1800,25 +1779,25 @@ w_seconds(wbuf *w, uint64_t ns)
     snprintf(frac, sizeof(frac), "%09llu", (unsigned long long)ns);
     for (n = 9; frac[n - 1] == '0'; n--)
         ;
-    w_put(w, ".", 1);
-    w_put(w, frac, (size_t)n);
+    bus__wbuf_put(w, ".", 1);
+    bus__wbuf_put(w, frac, (size_t)n);
 }
 
 /* A double in the shortest of %.15g / %.17g that reads back the same, as
  * Prometheus clients print (Go's 'g', -1), with a '.' whatever the locale
  * says. */
 static void
-w_double(wbuf *w, double v)
+w_double(bus__wbuf *w, double v)
 {
     char tmp[40];
     int n, i;
 
     if (v != v) {
-        w_str(w, "NaN");
+        bus__wbuf_str(w, "NaN");
         return;
     }
     if (v == HUGE_VAL || v == -HUGE_VAL) {
-        w_str(w, v > 0 ? "+Inf" : "-Inf");
+        bus__wbuf_str(w, v > 0 ? "+Inf" : "-Inf");
         return;
     }
     n = snprintf(tmp, sizeof(tmp), "%.15g", v);
@@ -1829,45 +1808,45 @@ w_double(wbuf *w, double v)
         if (!((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e'))
             tmp[i] = '.'; /* a locale's decimal separator */
     }
-    w_put(w, tmp, (size_t)n);
+    bus__wbuf_put(w, tmp, (size_t)n);
 }
 
 /* name{labels[,le="..."]} with suffix appended to name. le_ns: bound, or
  * UINT64_MAX for "+Inf", or 0 for no le label. */
 static void
-w_series_name(wbuf *w, const bus_metric_family *f, const char *suffix,
+w_series_name(bus__wbuf *w, const bus_metric_family *f, const char *suffix,
               const bus_metric_series *s, uint64_t le_ns)
 {
     size_t i;
 
-    w_str(w, f->name);
-    w_str(w, suffix);
+    bus__wbuf_str(w, f->name);
+    bus__wbuf_str(w, suffix);
     if (s->nlabels == 0 && le_ns == 0)
         return;
-    w_put(w, "{", 1);
+    bus__wbuf_put(w, "{", 1);
     for (i = 0; i < s->nlabels; i++) {
         if (i > 0)
-            w_put(w, ",", 1);
-        w_str(w, s->labels[i].name);
-        w_put(w, "=\"", 2);
+            bus__wbuf_put(w, ",", 1);
+        bus__wbuf_str(w, s->labels[i].name);
+        bus__wbuf_put(w, "=\"", 2);
         w_escaped(w, s->labels[i].value, true);
-        w_put(w, "\"", 1);
+        bus__wbuf_put(w, "\"", 1);
     }
     if (le_ns != 0) {
         if (s->nlabels > 0)
-            w_put(w, ",", 1);
-        w_put(w, "le=\"", 4);
+            bus__wbuf_put(w, ",", 1);
+        bus__wbuf_put(w, "le=\"", 4);
         if (le_ns == UINT64_MAX)
-            w_str(w, "+Inf");
+            bus__wbuf_str(w, "+Inf");
         else
             w_seconds(w, le_ns);
-        w_put(w, "\"", 1);
+        bus__wbuf_put(w, "\"", 1);
     }
-    w_put(w, "}", 1);
+    bus__wbuf_put(w, "}", 1);
 }
 
 static void
-w_hist(wbuf *w, const metrics_snap *snap, const bus_metric_family *f,
+w_hist(bus__wbuf *w, const metrics_snap *snap, const bus_metric_family *f,
        const bus_metric_series *s)
 {
     const bus_hist_value *v = &s->hist;
@@ -1876,22 +1855,22 @@ w_hist(wbuf *w, const metrics_snap *snap, const bus_metric_family *f,
     (void)snap;
     for (b = 0; b < v->nbounds; b++) {
         w_series_name(w, f, "_bucket", s, v->bounds_ns[b]);
-        w_put(w, " ", 1);
+        bus__wbuf_put(w, " ", 1);
         w_u64(w, v->cumulative[b]);
-        w_put(w, "\n", 1);
+        bus__wbuf_put(w, "\n", 1);
     }
     w_series_name(w, f, "_bucket", s, UINT64_MAX);
-    w_put(w, " ", 1);
+    bus__wbuf_put(w, " ", 1);
     w_u64(w, v->count);
-    w_put(w, "\n", 1);
+    bus__wbuf_put(w, "\n", 1);
     w_series_name(w, f, "_sum", s, 0);
-    w_put(w, " ", 1);
+    bus__wbuf_put(w, " ", 1);
     w_seconds(w, v->sum_ns);
-    w_put(w, "\n", 1);
+    bus__wbuf_put(w, "\n", 1);
     w_series_name(w, f, "_count", s, 0);
-    w_put(w, " ", 1);
+    bus__wbuf_put(w, " ", 1);
     w_u64(w, v->count);
-    w_put(w, "\n", 1);
+    bus__wbuf_put(w, "\n", 1);
 }
 
 static const char *
@@ -1912,7 +1891,7 @@ bus_metrics_snapshot_prometheus(const bus_metrics_snapshot *ps, char *buf,
                                 size_t cap, size_t *len)
 {
     const metrics_snap *snap = (const metrics_snap *)ps;
-    wbuf w = {buf, cap, 0};
+    bus__wbuf w = {buf, cap, 0};
     size_t i, j;
 
     if (ps == NULL || (buf == NULL && cap > 0))
@@ -1920,17 +1899,17 @@ bus_metrics_snapshot_prometheus(const bus_metrics_snapshot *ps, char *buf,
     for (i = 0; i < ps->nfamilies; i++) {
         const bus_metric_family *f = &ps->families[i];
         if (f->help[0] != '\0') {
-            w_str(&w, "# HELP ");
-            w_str(&w, f->name);
-            w_put(&w, " ", 1);
+            bus__wbuf_str(&w, "# HELP ");
+            bus__wbuf_str(&w, f->name);
+            bus__wbuf_put(&w, " ", 1);
             w_escaped(&w, f->help, false);
-            w_put(&w, "\n", 1);
+            bus__wbuf_put(&w, "\n", 1);
         }
-        w_str(&w, "# TYPE ");
-        w_str(&w, f->name);
-        w_put(&w, " ", 1);
-        w_str(&w, type_name(f->type));
-        w_put(&w, "\n", 1);
+        bus__wbuf_str(&w, "# TYPE ");
+        bus__wbuf_str(&w, f->name);
+        bus__wbuf_put(&w, " ", 1);
+        bus__wbuf_str(&w, type_name(f->type));
+        bus__wbuf_put(&w, "\n", 1);
         for (j = 0; j < f->nseries; j++) {
             const bus_metric_series *s = &f->series[j];
             if (f->type == BUS_METRIC_HISTOGRAM) {
@@ -1938,12 +1917,12 @@ bus_metrics_snapshot_prometheus(const bus_metrics_snapshot *ps, char *buf,
                 continue;
             }
             w_series_name(&w, f, "", s, 0);
-            w_put(&w, " ", 1);
+            bus__wbuf_put(&w, " ", 1);
             if (f->type == BUS_METRIC_COUNTER)
                 w_u64(&w, s->counter);
             else
                 w_double(&w, s->gauge);
-            w_put(&w, "\n", 1);
+            bus__wbuf_put(&w, "\n", 1);
         }
     }
     if (len != NULL)
