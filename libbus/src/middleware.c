@@ -218,7 +218,6 @@ policy_dead_letter(mw_policy *s, bus_delivery *d, int64_t wall)
     bus_event *e = NULL;
     int rv = BUS_ENOTSUP;
 
-    d->flags |= BUS_DELIVERY_F_DEAD_LETTER;
     /* An event that already is a dead letter is not dead-lettered again:
      * a failing catch-all subscription would otherwise loop. */
     if (s->p.dlq_publish != NULL
@@ -229,6 +228,7 @@ policy_dead_letter(mw_policy *s, bus_delivery *d, int64_t wall)
                                d->err_msg, d->attempt, d->first_fail_wall,
                                wall)) == BUS_OK
         && (rv = s->p.dlq_publish(s->p.dlq_opaque, topic, e)) == BUS_OK) {
+        d->flags |= BUS_DELIVERY_F_DEAD_LETTER;
         atomic_fetch_add_explicit(&s->dead_lettered, 1, memory_order_relaxed);
         bus_logf(&s->p.log, BUS_LOG_WARN, "pipeline",
                  "dead-lettered event from %s (%s) to %s after %" PRIu32
@@ -238,6 +238,7 @@ policy_dead_letter(mw_policy *s, bus_delivery *d, int64_t wall)
         return;
     }
     bus_event_unref(e);
+    d->flags |= BUS_DELIVERY_F_DLQ_FAILED;
     atomic_fetch_add_explicit(&s->dlq_lost, 1, memory_order_relaxed);
     bus_logf(&s->p.log, BUS_LOG_ERR, "pipeline",
              "failed event from %s (%s) not dead-lettered (%s) after %" PRIu32
@@ -283,7 +284,10 @@ policy_fn(bus_delivery *d, const bus_next *next, void *state)
                                        d->end_ns ? d->end_ns : d->now_ns);
             return BUS_ACK;
         }
-        if (b != NULL)
+        /* A rate limiter's refusal is no failure of the handler's: it
+         * takes a retry like any retryable error, but the breaker, which
+         * watches the handler's health, does not count it. */
+        if (b != NULL && !(d->flags & BUS_DELIVERY_F_RATE_LIMIT))
             bus__breaker_record_at(b, false,
                                    d->end_ns ? d->end_ns : d->now_ns);
 
@@ -303,6 +307,13 @@ policy_fn(bus_delivery *d, const bus_next *next, void *state)
         }
         uint64_t delay = bus_retry_delay_ns(&s->p.retry, d->attempt,
                                             bus__random_u64());
+        /* No retry starts past max_elapsed: this failure is the last. */
+        if (s->p.retry.max_elapsed_ms != 0
+            && now + delay - d->first_fail_ns
+                   > (uint64_t)s->p.retry.max_elapsed_ms * 1000000u) {
+            policy_dead_letter(s, d, wall);
+            return BUS_REJECT;
+        }
         if (s->p.on_retry != NULL)
             s->p.on_retry(s->p.on_retry_opaque, d, d->attempt, delay,
                           d->err_code, d->err_msg);
@@ -500,9 +511,19 @@ typedef struct mw_deadline {
     uint64_t timeout_ns;
     bus_logger log;
     bus_counter *overruns;
+    bool own_overruns; /* a stack's: released with the middleware */
     bus_clock clock;
 } mw_deadline;
-MW_FREE_FN(mw_deadline)
+
+static void
+mw_deadline_free(void *p)
+{
+    mw_deadline *s = p;
+
+    if (s->own_overruns)
+        bus_counter_release(s->overruns);
+    bus__free(s, sizeof(*s));
+}
 
 static bus_result
 deadline_fn(bus_delivery *d, const bus_next *next, void *state)
@@ -558,8 +579,8 @@ bus_mw_deadline(bus_middleware *mw, int32_t timeout_ms, const bus_logger *log,
 
 typedef struct mw_topic {
     char *topic;
-    bus_counter *delivered, *ok, *retried, *dead, *ref_breaker, *ref_rate,
-        *dups;
+    bus_counter *delivered, *ok, *retried, *dead, *dlq_failed, *ref_breaker,
+        *ref_rate, *dups;
     bus_hist *latency;
 } mw_topic;
 
@@ -581,6 +602,7 @@ metrics_topic_free(mw_topic *e)
     bus_counter_release(e->ok);
     bus_counter_release(e->retried);
     bus_counter_release(e->dead);
+    bus_counter_release(e->dlq_failed);
     bus_counter_release(e->ref_breaker);
     bus_counter_release(e->ref_rate);
     bus_counter_release(e->dups);
@@ -625,6 +647,10 @@ metrics_topic_new(mw_metrics *s, const char *topic)
                         "Retries (in place and deferred).", l, 2, &e->retried);
     bus_metrics_counter(s->m, "bus_deliveries_dead_lettered_total",
                         "Deliveries dead-lettered.", l, 2, &e->dead);
+    bus_metrics_counter(s->m, "bus_deliveries_failed_total",
+                        "Deliveries that failed for good and were not "
+                        "dead-lettered (no sink, or it failed).",
+                        l, 2, &e->dlq_failed);
     bus_metrics_counter(s->m, "bus_deliveries_refused_total",
                         "Deliveries refused before the handler.", l, 3,
                         &e->ref_breaker);
@@ -709,6 +735,8 @@ metrics_fn(bus_delivery *d, const bus_next *next, void *state)
                         d->retries + ((f & BUS_DELIVERY_F_DEFERRED) ? 1 : 0));
     if (f & BUS_DELIVERY_F_DEAD_LETTER)
         bus_counter_inc(e->dead);
+    if (f & BUS_DELIVERY_F_DLQ_FAILED)
+        bus_counter_inc(e->dlq_failed);
     if (f & BUS_DELIVERY_F_BREAKER)
         bus_counter_inc(e->ref_breaker);
     if (f & BUS_DELIVERY_F_RATE_LIMIT)
@@ -841,6 +869,32 @@ stack_policy(const bus_stack_config *cfg, bus_failure_policy *p)
         p->log = cfg->log;
 }
 
+/* Appends a deadline to a stack's chain; with cfg->metrics its overruns
+ * count in bus_handler_overruns_total{subscription}, as a subscription's
+ * deadline_ms does (the middleware owns the counter). */
+static int
+stack_deadline(bus_chain *c, const bus_stack_config *cfg, int32_t timeout_ms)
+{
+    bus_label l = {"subscription", cfg->subscription ? cfg->subscription : ""};
+    bus_counter *ov = NULL;
+    bus_middleware mw;
+    int rv;
+
+    if (cfg->metrics != NULL)
+        (void)bus_metrics_counter(
+            cfg->metrics, "bus_handler_overruns_total",
+            "Handler calls that ran past their deadline.", &l, 1,
+            &ov); /* none on failure: logged only */
+    rv = bus_mw_deadline(&mw, timeout_ms, &cfg->log, ov,
+                         cfg->policy ? &cfg->policy->clock : NULL);
+    if (rv != BUS_OK) {
+        bus_counter_release(ov);
+        return rv;
+    }
+    ((mw_deadline *)mw.state)->own_overruns = true;
+    return bus__chain_add(c, BUS_OK, &mw);
+}
+
 /* Ends a stack constructor: *out gets c, or c is freed on failure. */
 static int
 stack_done(bus_chain *c, int rv, bus_chain **out)
@@ -889,11 +943,7 @@ bus_stack_production(bus_chain **out, const bus_stack_config *cfg)
         rv = bus__chain_add(c, bus_mw_ratelimit(&mw, &rc), &mw);
     }
     if (rv == BUS_OK && cfg->deadline_ms > 0)
-        rv = bus__chain_add(c,
-                       bus_mw_deadline(&mw, cfg->deadline_ms, &cfg->log, NULL,
-                                       cfg->policy ? &cfg->policy->clock
-                                                   : NULL),
-                       &mw);
+        rv = stack_deadline(c, cfg, cfg->deadline_ms);
     return stack_done(c, rv, out);
 }
 
@@ -926,13 +976,7 @@ bus_stack_development(bus_chain **out, const bus_stack_config *cfg)
         rv = bus__chain_add(c, bus_mw_policy(&mw, &p), &mw);
     }
     if (rv == BUS_OK)
-        rv = bus__chain_add(c,
-                       bus_mw_deadline(&mw,
-                                       cfg->deadline_ms > 0 ? cfg->deadline_ms
-                                                            : 1000,
-                                       &cfg->log, NULL,
-                                       cfg->policy ? &cfg->policy->clock
-                                                   : NULL),
-                       &mw);
+        rv = stack_deadline(c, cfg,
+                            cfg->deadline_ms > 0 ? cfg->deadline_ms : 1000);
     return stack_done(c, rv, out);
 }

@@ -86,6 +86,9 @@ BUS_API int bus_chain_dump(const bus_chain *outer, const bus_chain *inner,
 #define BUS_DELIVERY_F_RATE_LIMIT 0x10u  /* refused: rate limit */
 #define BUS_DELIVERY_F_OVERRUN 0x20u     /* ran past its deadline */
 #define BUS_DELIVERY_F_NACK 0x40u        /* broker should redeliver */
+#define BUS_DELIVERY_F_DLQ_FAILED 0x80u  /* failed for good and not
+                                          * dead-lettered (no sink, or it
+                                          * failed): logged at ERR */
 
 BUS_API unsigned bus_delivery_flags(const bus_delivery *d);
 /* In-place retries made during this delivery. */

@@ -66,7 +66,9 @@ typedef struct bus_retry_config {
     uint32_t max_attempts;   /* calls in all, the first included; 5;
                               * 1 means never retry */
     uint32_t max_elapsed_ms; /* no retry starts later than this after the
-                              * first failure; 0: no limit */
+                              * first failure: a failure whose retry would
+                              * start later is final (dead-lettered at
+                              * once); 0: no limit */
 } bus_retry_config;
 
 /* The delay before the retry that follows failed attempt `attempt`

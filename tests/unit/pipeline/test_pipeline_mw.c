@@ -144,6 +144,8 @@ typedef struct retries_seen {
     int n;
     uint32_t attempt[8];
     uint64_t delay[8];
+    int code[8];
+    char msg[8][32];
 } retries_seen;
 
 static void
@@ -153,11 +155,11 @@ on_retry(void *opaque, const bus_delivery *d, uint32_t attempt,
     retries_seen *r = opaque;
 
     (void)d;
-    (void)code;
-    (void)msg;
     if (r->n < 8) {
         r->attempt[r->n] = attempt;
         r->delay[r->n] = delay_ns;
+        r->code[r->n] = code;
+        snprintf(r->msg[r->n], sizeof(r->msg[0]), "%s", msg);
     }
     r->n++;
 }
@@ -223,6 +225,11 @@ test_policy_retries_in_place_with_backoff(void **state)
     assert_int_equal(rs.attempt[0], 1);
     assert_int_equal(rs.delay[0], 10 * MS);
     assert_int_equal(rs.delay[1], 20 * MS);
+    /* each retry's callback gets the failure it follows */
+    assert_int_equal(rs.code[0], 7);
+    assert_string_equal(rs.msg[0], "boom 1");
+    assert_int_equal(rs.code[1], 7);
+    assert_string_equal(rs.msg[1], "boom 2");
     /* the waits went through the clock: no real sleep */
     assert_int_equal(bus_manual_clock_get(&mc), 1030 * MS);
     bus_chain_free(c);
@@ -349,6 +356,48 @@ test_policy_without_sink_logs_and_reclassifies(void **state)
     assert_non_null(strstr(lc.last, "no dead-letter sink"));
     assert_non_null(strstr(lc.last, "boom 1"));
     bus_chain_free(c);
+    bus_event_unref(e);
+}
+
+static void
+test_policy_max_elapsed_bounds_the_last_retry(void **state)
+{
+    bus_manual_clock mc;
+    bus_failure_policy p;
+    retries_seen rs = {0};
+    flaky f = {.fail_first = 100, .how = BUS_RETRY, .code = 3};
+    dlq_sink sink = {0};
+    bus_chain *c;
+    bus_delivery d;
+    bus_event *e = mkev("s");
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    bus_failure_policy_init(&p);
+    p.mode = BUS_RETRY_IN_PLACE;
+    p.retry.backoff = BUS_BACKOFF_FIXED;
+    p.retry.jitter = BUS_JITTER_NONE;
+    p.retry.initial_ms = 600;
+    p.retry.max_attempts = 10;
+    p.retry.max_elapsed_ms = 1000;
+    p.on_retry = on_retry;
+    p.on_retry_opaque = &rs;
+    p.dlq_publish = dlq_publish;
+    p.dlq_opaque = &sink;
+    p.clock = mc.clock;
+    c = policy_chain(&p);
+    bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+    /* fails at 0 and at 600 ms; a third call would start at 1200 ms,
+     * past max_elapsed: the second failure is the last */
+    assert_int_equal(bus_chain_run(NULL, c, &d, flaky_handler, &f),
+                     BUS_REJECT);
+    assert_int_equal(f.calls, 2);
+    assert_int_equal(rs.n, 1);
+    assert_int_equal(sink.n, 1);
+    assert_int_equal(bus_manual_clock_get(&mc), 1600 * MS);
+    assert_true(bus_delivery_flags(&d) & BUS_DELIVERY_F_DEAD_LETTER);
+    bus_chain_free(c);
+    bus_event_unref(sink.ev);
     bus_event_unref(e);
 }
 
@@ -642,6 +691,305 @@ test_dedup_ratelimit_deadline_and_metrics(void **state)
     bus_event_unref(e2);
 }
 
+/* A failure with nowhere to go is counted apart from dead letters. */
+static void
+test_failure_without_sink_is_counted_not_dead_lettered(void **state)
+{
+    bus_manual_clock mc;
+    bus_failure_policy p;
+    flaky f = {.fail_first = 100, .how = BUS_REJECT, .code = 9};
+    log_capture lc = {0};
+    dlq_sink sink = {0};
+    bus_metrics *m;
+    bus_middleware mw;
+    bus_chain *c;
+    bus_delivery d;
+    bus_event *e = mkev("s");
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    assert_int_equal(bus_metrics_new(&m, NULL), BUS_OK);
+    bus_failure_policy_init(&p);
+    p.mode = BUS_RETRY_IN_PLACE;
+    p.log.fn = capture_log;
+    p.log.opaque = &lc;
+    p.clock = mc.clock;
+    assert_int_equal(bus_chain_new(&c), BUS_OK);
+    assert_int_equal(bus_mw_metrics(&mw, m, "sub"), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    assert_int_equal(bus_mw_policy(&mw, &p), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+    assert_int_equal(bus_chain_run(NULL, c, &d, flaky_handler, &f),
+                     BUS_REJECT);
+    assert_true(bus_delivery_flags(&d) & BUS_DELIVERY_F_DLQ_FAILED);
+    assert_false(bus_delivery_flags(&d) & BUS_DELIVERY_F_DEAD_LETTER);
+    assert_int_equal(lc.n, 1);
+    assert_int_equal(counter(m, "bus_deliveries_failed_total", "t.x", "sub",
+                             NULL), 1);
+    assert_int_equal(counter(m, "bus_deliveries_dead_lettered_total", "t.x",
+                             "sub", NULL), 0);
+    bus_chain_free(c);
+
+    /* the same with a sink: a dead letter, not a failure (a registry of
+     * its own: a series goes with the last handle on it) */
+    bus_metrics_free(m);
+    assert_int_equal(bus_metrics_new(&m, NULL), BUS_OK);
+    p.dlq_publish = dlq_publish;
+    p.dlq_opaque = &sink;
+    assert_int_equal(bus_chain_new(&c), BUS_OK);
+    assert_int_equal(bus_mw_metrics(&mw, m, "sub"), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    assert_int_equal(bus_mw_policy(&mw, &p), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+    assert_int_equal(bus_chain_run(NULL, c, &d, flaky_handler, &f),
+                     BUS_REJECT);
+    assert_true(bus_delivery_flags(&d) & BUS_DELIVERY_F_DEAD_LETTER);
+    assert_false(bus_delivery_flags(&d) & BUS_DELIVERY_F_DLQ_FAILED);
+    assert_int_equal(sink.n, 1);
+    assert_int_equal(counter(m, "bus_deliveries_failed_total", "t.x", "sub",
+                             NULL), 0);
+    assert_int_equal(counter(m, "bus_deliveries_dead_lettered_total", "t.x",
+                             "sub", NULL), 1);
+    bus_chain_free(c);
+    bus_event_unref(sink.ev);
+    bus_metrics_free(m);
+    bus_event_unref(e);
+}
+
+typedef struct tenant_key {
+    int calls;
+} tenant_key;
+
+static size_t
+first_letter_key(const bus_delivery *d, void *opaque, char *buf, size_t cap)
+{
+    tenant_key *k = opaque;
+    const char *t = bus_event_header(bus_delivery_event(d), "tenant");
+
+    k->calls++;
+    if (cap < 1 || t == NULL)
+        return 0;
+    buf[0] = t[0];
+    return 1;
+}
+
+static bus_event *
+mkev_tenant(const char *tenant)
+{
+    bus_event *e;
+    bus_event_init in;
+    bus_header h = {"tenant", tenant};
+
+    memset(&in, 0, sizeof(in));
+    in.type = "t.happened";
+    in.stream = "same-stream";
+    in.headers = &h;
+    in.n_headers = 1;
+    assert_int_equal(bus_event_create(&e, &in), BUS_OK);
+    bus_event_freeze(e);
+    return e;
+}
+
+static bus_result
+rl_run(bus_chain *c, bus_event *e, int *calls)
+{
+    bus_delivery d;
+
+    bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+    return bus_chain_run(NULL, c, &d, ok_handler, calls);
+}
+
+/* Keys from a header or a key function, and a cost per event. */
+static void
+test_ratelimit_keys_from_a_header_or_a_function_with_a_cost(void **state)
+{
+    bus_manual_clock mc;
+    bus_ratelimit_config rc;
+    bus_ratelimit *rl;
+    bus_ratelimit_status st;
+    bus_mw_ratelimit_config mrc;
+    bus_middleware mw;
+    bus_chain *c;
+    tenant_key tk = {0};
+    bus_event *a1 = mkev_tenant("acme"), *a2 = mkev_tenant("apex"),
+              *b1 = mkev_tenant("bolt");
+    int calls = 0;
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    bus_ratelimit_config_init(&rc);
+    rc.rate = 1; /* a token a second */
+    rc.capacity = 3;
+    rc.clock = mc.clock;
+    assert_int_equal(bus_ratelimit_new(&rl, &rc), BUS_OK);
+    memset(&mrc, 0, sizeof(mrc));
+    mrc.rl = rl;
+    mrc.mode = BUS_RL_REJECT;
+    mrc.header = "tenant";
+    mrc.cost = 2;
+    assert_int_equal(bus_chain_new(&c), BUS_OK);
+    assert_int_equal(bus_mw_ratelimit(&mw, &mrc), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    /* all three share a stream: only the header tells them apart */
+    assert_int_equal(rl_run(c, a1, &calls), BUS_ACK); /* acme: 3 -> 1 */
+    assert_int_equal(rl_run(c, a1, &calls), BUS_RETRY); /* 1 < cost 2 */
+    assert_int_equal(rl_run(c, a2, &calls), BUS_ACK);   /* apex: its own */
+    assert_int_equal(rl_run(c, b1, &calls), BUS_ACK);   /* bolt: its own */
+    assert_int_equal(calls, 3);
+    bus_ratelimit_status_get(rl, "acme", 4, &st);
+    assert_true(st.known);
+    assert_true(st.tokens > 0.99 && st.tokens < 1.01);
+    bus_manual_clock_advance(&mc, 1000 * MS); /* acme refills to 2 */
+    assert_int_equal(rl_run(c, a1, &calls), BUS_ACK);
+    bus_chain_free(c);
+
+    /* a key function: one bucket for every tenant starting with 'a' */
+    bus_ratelimit_free(rl);
+    assert_int_equal(bus_ratelimit_new(&rl, &rc), BUS_OK);
+    mrc.rl = rl;
+    mrc.header = NULL;
+    mrc.key_fn = first_letter_key;
+    mrc.key_opaque = &tk;
+    assert_int_equal(bus_chain_new(&c), BUS_OK);
+    assert_int_equal(bus_mw_ratelimit(&mw, &mrc), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    calls = 0;
+    assert_int_equal(rl_run(c, a1, &calls), BUS_ACK);   /* 'a': 3 -> 1 */
+    assert_int_equal(rl_run(c, a2, &calls), BUS_RETRY); /* same bucket */
+    assert_int_equal(rl_run(c, b1, &calls), BUS_ACK);   /* 'b' */
+    assert_int_equal(calls, 2);
+    assert_int_equal(tk.calls, 3);
+    bus_ratelimit_status_get(rl, "a", 1, &st);
+    assert_true(st.known);
+    assert_true(st.tokens > 0.99 && st.tokens < 1.01);
+    bus_chain_free(c);
+    bus_ratelimit_free(rl);
+    bus_event_unref(a1);
+    bus_event_unref(a2);
+    bus_event_unref(b1);
+}
+
+/* A rate limiter inside the policy (as in the production stack): its
+ * refusals take retries, but the breaker, which watches the handler,
+ * does not count them. */
+static void
+test_rate_limit_refusals_do_not_trip_the_breaker(void **state)
+{
+    bus_manual_clock mc;
+    bus_breaker_config bc;
+    bus_breaker *b;
+    bus_breaker_stats bst;
+    bus_failure_policy p;
+    bus_ratelimit_config rc;
+    bus_ratelimit *rl;
+    bus_mw_ratelimit_config mrc;
+    bus_middleware mw;
+    bus_chain *c;
+    bus_delivery d;
+    bus_event *e = mkev("s");
+    int calls = 0;
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    bus_breaker_config_init(&bc);
+    bc.failure_threshold = 1;
+    bc.clock = mc.clock;
+    assert_int_equal(bus_breaker_new(&b, &bc), BUS_OK);
+    bus_ratelimit_config_init(&rc);
+    rc.rate = 0.001; /* one token, then none for the test's time */
+    rc.capacity = 1;
+    rc.clock = mc.clock;
+    assert_int_equal(bus_ratelimit_new(&rl, &rc), BUS_OK);
+    bus_failure_policy_init(&p);
+    p.mode = BUS_RETRY_IN_PLACE;
+    p.retry.jitter = BUS_JITTER_NONE;
+    p.retry.max_attempts = 3;
+    p.breaker = b;
+    p.clock = mc.clock;
+    assert_int_equal(bus_chain_new(&c), BUS_OK);
+    assert_int_equal(bus_mw_policy(&mw, &p), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    memset(&mrc, 0, sizeof(mrc));
+    mrc.rl = rl;
+    mrc.mode = BUS_RL_REJECT;
+    assert_int_equal(bus_mw_ratelimit(&mw, &mrc), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+    assert_int_equal(bus_chain_run(NULL, c, &d, ok_handler, &calls), BUS_ACK);
+    bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+    /* refused three times: retried, then failed for good */
+    assert_int_equal(bus_chain_run(NULL, c, &d, ok_handler, &calls),
+                     BUS_REJECT);
+    assert_int_equal(calls, 1);
+    assert_int_equal(bus_delivery_retries(&d), 2);
+    assert_int_equal(bus_breaker_state_get(b), BUS_BREAKER_CLOSED);
+    bus_breaker_stats_get(b, &bst);
+    assert_int_equal(bst.failures, 0);
+    bus_chain_free(c);
+    bus_ratelimit_free(rl);
+    bus_breaker_free(b);
+    bus_event_unref(e);
+}
+
+static bus_result
+overrun_handler(bus_delivery *d, void *opaque)
+{
+    bus_manual_clock *mc = opaque;
+
+    (void)d;
+    bus_manual_clock_advance(mc, 150 * MS);
+    return BUS_ACK;
+}
+
+/* The stacks' deadline counts overruns in the stack's metrics, as a
+ * subscription's deadline_ms does. */
+static void
+test_stack_deadline_counts_overruns(void **state)
+{
+    bus_manual_clock mc;
+    bus_failure_policy p;
+    bus_metrics *m;
+    bus_metrics_snapshot *snap;
+    bus_stack_config sc;
+    bus_label l = {"subscription", "billing"};
+    const bus_metric_series *se;
+    bus_chain *c, *c2;
+    bus_delivery d;
+    bus_event *e = mkev("s");
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    assert_int_equal(bus_metrics_new(&m, NULL), BUS_OK);
+    bus_failure_policy_init(&p);
+    p.clock = mc.clock;
+    bus_stack_config_init(&sc);
+    sc.subscription = "billing";
+    sc.metrics = m;
+    sc.policy = &p;
+    sc.deadline_ms = 100;
+    assert_int_equal(bus_stack_production(&c, &sc), BUS_OK);
+    bus__delivery_init(&d, e, "t.x", "billing", 1, 0, NULL);
+    assert_int_equal(bus_chain_run(NULL, c, &d, overrun_handler, &mc),
+                     BUS_ACK);
+    assert_true(bus_delivery_flags(&d) & BUS_DELIVERY_F_OVERRUN);
+    assert_int_equal(bus_stack_development(&c2, &sc), BUS_OK);
+    bus__delivery_init(&d, e, "t.x", "billing", 1, 0, NULL);
+    assert_int_equal(bus_chain_run(NULL, c2, &d, overrun_handler, &mc),
+                     BUS_ACK);
+    /* both stacks' deadlines count in the same series */
+    assert_int_equal(bus_metrics_snapshot_take(m, &snap), BUS_OK);
+    se = bus_metrics_snapshot_find(snap, "bus_handler_overruns_total", &l, 1);
+    assert_non_null(se);
+    assert_int_equal(se->counter, 2);
+    bus_metrics_snapshot_free(snap);
+    bus_chain_free(c);
+    bus_chain_free(c2);
+    bus_metrics_free(m);
+    bus_event_unref(e);
+}
+
 /* ---- Tracing: a chain of three handlers ------------------------------------ */
 
 typedef struct hop {
@@ -865,6 +1213,13 @@ main(void)
         cmocka_unit_test(test_policy_retries_in_place_with_backoff),
         cmocka_unit_test(test_policy_dead_letters_with_failure_headers),
         cmocka_unit_test(test_policy_without_sink_logs_and_reclassifies),
+        cmocka_unit_test(test_policy_max_elapsed_bounds_the_last_retry),
+        cmocka_unit_test(
+            test_failure_without_sink_is_counted_not_dead_lettered),
+        cmocka_unit_test(
+            test_ratelimit_keys_from_a_header_or_a_function_with_a_cost),
+        cmocka_unit_test(test_rate_limit_refusals_do_not_trip_the_breaker),
+        cmocka_unit_test(test_stack_deadline_counts_overruns),
         cmocka_unit_test(test_deferred_retry_does_not_block_other_keys),
         cmocka_unit_test(test_open_breaker_refuses_without_calling_handler),
         cmocka_unit_test(test_dedup_ratelimit_deadline_and_metrics),
