@@ -990,6 +990,39 @@ test_stack_deadline_counts_overruns(void **state)
     bus_event_unref(e);
 }
 
+/* Only a handled (ACK) event is marked: a failed one runs again. */
+static void
+test_dedup_marks_only_handled_events(void **state)
+{
+    bus_dedup *dd;
+    bus_dedup_stats st;
+    bus_middleware mw;
+    bus_chain *c;
+    bus_delivery d;
+    flaky f = {.fail_first = 1, .how = BUS_RETRY, .code = 5};
+    bus_event *e = mkev("s");
+
+    (void)state;
+    assert_int_equal(bus_dedup_new(&dd, NULL), BUS_OK);
+    assert_int_equal(bus_chain_new(&c), BUS_OK);
+    assert_int_equal(bus_mw_dedup(&mw, dd), BUS_OK);
+    assert_int_equal(bus_chain_append(c, &mw), BUS_OK);
+    for (int i = 0; i < 3; i++) {
+        bus__delivery_init(&d, e, "t.x", "sub", 1, 0, NULL);
+        assert_int_equal(bus_chain_run(NULL, c, &d, flaky_handler, &f),
+                         i == 0 ? BUS_RETRY : BUS_ACK);
+    }
+    assert_int_equal(f.calls, 2); /* failed, handled, then a duplicate */
+    assert_true(bus_delivery_flags(&d) & BUS_DELIVERY_F_DUPLICATE);
+    bus_dedup_stats_get(dd, &st);
+    assert_int_equal(st.lookups, 3);
+    assert_int_equal(st.hits, 1);
+    assert_int_equal(st.marks, 1);
+    bus_chain_free(c);
+    bus_dedup_free(dd);
+    bus_event_unref(e);
+}
+
 /* ---- Tracing: a chain of three handlers ------------------------------------ */
 
 typedef struct hop {
@@ -1220,6 +1253,7 @@ main(void)
             test_ratelimit_keys_from_a_header_or_a_function_with_a_cost),
         cmocka_unit_test(test_rate_limit_refusals_do_not_trip_the_breaker),
         cmocka_unit_test(test_stack_deadline_counts_overruns),
+        cmocka_unit_test(test_dedup_marks_only_handled_events),
         cmocka_unit_test(test_deferred_retry_does_not_block_other_keys),
         cmocka_unit_test(test_open_breaker_refuses_without_calling_handler),
         cmocka_unit_test(test_dedup_ratelimit_deadline_and_metrics),

@@ -108,6 +108,43 @@ test_breaker_opens_on_consecutive_failures_and_recovers(void **state)
     bus_breaker_free(b);
 }
 
+/* Half-open lets half_open_probes calls in flight at once, and closes
+ * after close_successes of them. */
+static void
+test_breaker_half_open_admits_k_probes(void **state)
+{
+    bus_manual_clock mc;
+    bus_breaker_config c;
+    bus_breaker *b;
+
+    (void)state;
+    bus_manual_clock_init(&mc, 1000 * MS);
+    bus_breaker_config_init(&c);
+    c.failure_threshold = 1;
+    c.open_ms = 100;
+    c.half_open_probes = 3;
+    c.close_successes = 3;
+    c.clock = mc.clock;
+    assert_int_equal(bus_breaker_new(&b, &c), BUS_OK);
+    assert_true(bus_breaker_allow(b));
+    bus_breaker_record(b, false);
+    assert_int_equal(bus_breaker_state_get(b), BUS_BREAKER_OPEN);
+    bus_manual_clock_advance(&mc, 100 * MS);
+    for (int i = 0; i < 3; i++)
+        assert_true(bus_breaker_allow(b)); /* three probes at once */
+    assert_false(bus_breaker_allow(b));    /* a fourth waits */
+    assert_int_equal(bus_breaker_state_get(b), BUS_BREAKER_HALF_OPEN);
+    bus_breaker_record(b, true);
+    assert_true(bus_breaker_allow(b)); /* a slot came back */
+    bus_breaker_record(b, true);
+    assert_int_equal(bus_breaker_state_get(b), BUS_BREAKER_HALF_OPEN);
+    bus_breaker_record(b, true); /* the third success closes it */
+    assert_int_equal(bus_breaker_state_get(b), BUS_BREAKER_CLOSED);
+    bus_breaker_record(b, true); /* the last probe ends: nothing changes */
+    assert_int_equal(bus_breaker_state_get(b), BUS_BREAKER_CLOSED);
+    bus_breaker_free(b);
+}
+
 static void
 test_breaker_half_open_failure_reopens(void **state)
 {
@@ -592,6 +629,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_breaker_opens_on_consecutive_failures_and_recovers),
+        cmocka_unit_test(test_breaker_half_open_admits_k_probes),
         cmocka_unit_test(test_breaker_half_open_failure_reopens),
         cmocka_unit_test(test_breaker_opens_on_failure_rate_after_min_calls),
         cmocka_unit_test(test_breaker_rate_rule_sums_every_thread),
