@@ -25,8 +25,10 @@
  * Lock order: broker_reg_mtx only (no other lock is taken in this file).
  */
 #include <assert.h>
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <bus/broker.h>
@@ -263,9 +265,42 @@ broker_merge_props(bus_uri *u, const char *const *props, char *errbuf,
     return BUS_OK;
 }
 
+/* Whether a query key (raw, s[0..n), percent-escapes allowed) names a
+ * secret. The key is judged as the backend sees it, decoded, and in any
+ * case, so that "curve_s%65cret_key" or "SASL_PASSWORD" (refused as
+ * unknown, but logged by the failed open) is masked too; a key too long
+ * to judge counts as secret. */
+static bool
+broker_key_is_secret(const char *s, size_t n)
+{
+    static const char *const words[] = {"secret", "pass",    "private",
+                                        "token",  "key.pem", "credential"};
+    char key[256];
+    size_t i, k = 0;
+
+    for (i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (k + 1 >= sizeof(key))
+            return true;
+        if (c == '%' && n - i >= 3 && isxdigit((unsigned char)s[i + 1]) &&
+            isxdigit((unsigned char)s[i + 2])) {
+            char hex[3] = {s[i + 1], s[i + 2], '\0'};
+            c = (int)strtol(hex, NULL, 16);
+            i += 2;
+        }
+        key[k++] = (char)tolower(c);
+    }
+    key[k] = '\0';
+    for (i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+        if (strstr(key, words[i]) != NULL)
+            return true;
+    return false;
+}
+
 /* The URI for a log line: the values of options whose name says they are
- * secret ("secret", "pass": CURVE secret keys, SASL passwords) become
- * "***", so that a URI carrying one never reaches a log. */
+ * secret (broker_key_is_secret: CURVE secret keys, SASL passwords, TLS
+ * private keys, tokens) become "***", so that a URI carrying one never
+ * reaches a log. */
 static const char *
 broker_uri_for_log(const char *uri, char *buf, size_t len)
 {
@@ -280,10 +315,7 @@ broker_uri_for_log(const char *uri, char *buf, size_t len)
     memcpy(buf, uri, n);
     for (p = q + 1; *p != '\0';) {
         size_t pl = strcspn(p, "&"), kl = strcspn(p, "=&");
-        char key[64];
-        bool secret;
-        snprintf(key, sizeof(key), "%.*s", (int)kl, p);
-        secret = strstr(key, "secret") != NULL || strstr(key, "pass");
+        bool secret = broker_key_is_secret(p, kl);
         if (n + (secret ? kl + 4 : pl) + 2 >= len)
             break;
         memcpy(buf + n, p, secret ? kl : pl);
