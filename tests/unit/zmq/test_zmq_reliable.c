@@ -77,8 +77,11 @@ test_unacked_events_are_resent_and_duplicates_dropped(void **state)
     zt_rec_fini(&r);
 }
 
+/* The receiver closes with events in flight and opens again; the sender
+ * (peer_opts) must get every event handled by one incarnation or the
+ * other. */
 static void
-test_receiver_reopened_mid_stream_loses_nothing(void **state)
+reopen_run(const char *sock, const char *peer_opts)
 {
     char uri[512];
     bus_broker *hub, *peer;
@@ -86,15 +89,12 @@ test_receiver_reopened_mid_stream_loses_nothing(void **state)
     zt_acks a = {0};
     uint64_t i, n = 2000, handled;
 
-    (void)state;
-    snprintf(uri, sizeof(uri),
-             "zmq+ipc://%s/reopen.sock?mode=reliable&window=64", g_dir);
+    snprintf(uri, sizeof(uri), "zmq+ipc://%s/%s?mode=reliable&window=64",
+             g_dir, sock);
     hub = zt_open(uri);
     zt_rec_init(&r1, hub);
     zt_sub(hub, "ro.>", &r1);
-    peer = zt_open_peer(hub, "mode=reliable&window=64&resend_ivl=200"
-                             "&reconnect_ivl=20&reconnect_ivl_max=50"
-                             "&block_timeout_ms=-1");
+    peer = zt_open_peer(hub, peer_opts);
     for (i = 0; i < n; i++) {
         bus_event *e = zt_event(i);
         assert_int_equal(bus_broker_publish(peer, "ro.x", e, 0, zt_ack_fn, &a),
@@ -124,6 +124,60 @@ test_receiver_reopened_mid_stream_loses_nothing(void **state)
     print_message("reopened receiver: %llu event(s) handled by both "
                   "incarnations\n",
                   (unsigned long long)handled);
+    zt_rec_fini(&r1);
+    zt_rec_fini(&r2);
+}
+
+static void
+test_receiver_reopened_mid_stream_loses_nothing(void **state)
+{
+    (void)state;
+    reopen_run("reopen.sock", "mode=reliable&window=64&resend_ivl=200"
+                              "&reconnect_ivl=20&reconnect_ivl_max=50"
+                              "&block_timeout_ms=-1");
+}
+
+/* Events the receiver took but never acked when it went away are resent
+ * when the sender reconnects to its next incarnation. The resend timer is
+ * set far past the test's deadlines, so only the resend on reconnecting
+ * can bring them back (the flush would time out without it). */
+static void
+test_events_lost_with_a_connection_are_resent_on_reconnect(void **state)
+{
+    char uri[512];
+    bus_broker *hub, *peer;
+    zt_rec r1, r2;
+    zt_acks a = {0};
+    uint64_t i, n = 30;
+
+    (void)state;
+    snprintf(uri, sizeof(uri),
+             "zmq+ipc://%s/reconnect.sock?mode=reliable&window=64", g_dir);
+    hub = zt_open(uri);
+    zt_rec_init(&r1, hub);
+    atomic_store(&r1.ack, false); /* takes them, acks none */
+    zt_sub(hub, "rc.>", &r1);
+    peer = zt_open_peer(hub, "mode=reliable&window=64&resend_ivl=600000"
+                             "&reconnect_ivl=20&reconnect_ivl_max=50");
+    for (i = 0; i < n; i++)
+        assert_int_equal(bus_broker_publish(peer, "rc.x", zt_event(i), 0,
+                                            zt_ack_fn, &a),
+                         BUS_OK);
+    assert_true(zt_wait(&r1.n, n, ZT_WAIT_MS));
+    bus_broker_close(hub); /* with all of them unacked */
+    hub = zt_open(uri);
+    zt_rec_init(&r2, hub);
+    zt_sub(hub, "rc.>", &r2);
+    assert_int_equal(bus_broker_flush(peer, 30000), BUS_OK);
+    assert_int_equal(atomic_load(&a.ok), n);
+    assert_true(zt_stats(peer).reconnects >= 1);
+    assert_true(zt_stats(peer).resent >= n);
+    bus_broker_close(peer);
+    bus_broker_close(hub);
+    for (i = 0; i < n; i++)
+        if (!r2.seen[i])
+            fail_msg("event %llu was not handled again",
+                     (unsigned long long)i);
     zt_rec_fini(&r1);
     zt_rec_fini(&r2);
 }
@@ -192,6 +246,8 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_unacked_events_are_resent_and_duplicates_dropped),
         cmocka_unit_test(test_receiver_reopened_mid_stream_loses_nothing),
+        cmocka_unit_test(
+            test_events_lost_with_a_connection_are_resent_on_reconnect),
         cmocka_unit_test(test_a_silent_peer_is_forgotten_and_its_events_acked),
         cmocka_unit_test(test_a_peer_subscribes_again_when_its_hub_restarts),
     };
