@@ -311,6 +311,27 @@ test_reliable_full_window_applies_backpressure(void **state)
     zt_ack_kept(&r, BUS_ACK);
     bus_broker_close(b);
     zt_rec_fini(&r);
+
+    /* backpressure=fail: a full window refuses at once, however long
+     * block_timeout_ms is */
+    b = zt_open("zmq+inproc://winfail?mode=reliable&window=2"
+                "&backpressure=fail&block_timeout_ms=60000");
+    zt_rec_init(&r, b);
+    atomic_store(&r.ack, false);
+    zt_sub(b, "w.>", &r);
+    for (i = 0; i < 2; i++)
+        assert_int_equal(zt_publish(b, "w.x", i, 0), BUS_OK);
+    t0 = bt_now_ns();
+    assert_int_equal(zt_publish(b, "w.x", 2, 0), BUS_EAGAIN);
+    assert_true(bt_now_ns() - t0 < 5000000000u);
+    assert_true(zt_wait(&r.n, 2, ZT_WAIT_MS));
+    zt_ack_kept(&r, BUS_ACK);
+    assert_int_equal(bus_broker_flush(b, ZT_WAIT_MS), BUS_OK);
+    assert_int_equal(zt_publish(b, "w.x", 2, 0), BUS_OK);
+    assert_true(zt_wait(&r.n, 3, ZT_WAIT_MS));
+    zt_ack_kept(&r, BUS_ACK);
+    bus_broker_close(b);
+    zt_rec_fini(&r);
 }
 
 static void
