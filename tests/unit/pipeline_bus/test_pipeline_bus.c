@@ -510,13 +510,18 @@ test_inline_breaker_open_nacks_to_broker(void **state)
     bus_sub_config sc = bt_sub_cfg(BUS_DISPATCH_INLINE);
     bus_broker *b = open_broker("fake://pipeline-inline");
     bus_breaker *br;
+    bus_metrics *m;
+    bus_metrics_snapshot *snap;
+    bus_label lb = {"broker", "fake"};
+    const bus_metric_series *se;
     bus_ctx *ctx;
     rec r;
 
     (void)state;
     bus_manual_clock_init(&mc, 1000000000u);
     br = breaker_one_failure(&mc);
-    ctx = open_ctx(1, &mc, NULL, NULL);
+    assert_int_equal(bus_metrics_new(&m, NULL), BUS_OK);
+    ctx = open_ctx(1, &mc, m, NULL);
     assert_int_equal(bus_ctx_attach(ctx, b, "bk.x"), BUS_OK);
     rec_init(&r);
     r.fail_stream = "bad";
@@ -536,9 +541,20 @@ test_inline_breaker_open_nacks_to_broker(void **state)
     publish(ctx, "bk.x", ev_stream("k")); /* token 3: probe, succeeds */
     assert_int_equal(fake_ack_of(b, 3), BUS_ACK);
     assert_int_equal(bus_breaker_state_get(br), BUS_BREAKER_CLOSED);
+    /* per broker: the dead letter and the success acked, the refusal
+     * nacked */
+    assert_int_equal(bus_metrics_snapshot_take(m, &snap), BUS_OK);
+    se = bus_metrics_snapshot_find(snap, "bus_broker_acked_total", &lb, 1);
+    assert_non_null(se);
+    assert_int_equal(se->counter, 2);
+    se = bus_metrics_snapshot_find(snap, "bus_broker_nacked_total", &lb, 1);
+    assert_non_null(se);
+    assert_int_equal(se->counter, 1);
+    bus_metrics_snapshot_free(snap);
     assert_int_equal(bus_ctx_close(ctx), 0);
     bus_broker_close(b);
     bus_breaker_free(br);
+    bus_metrics_free(m);
 }
 
 static void
