@@ -971,6 +971,39 @@ bus_broker_kafka_bootstrap(const bus_broker *b)
     return kb != NULL ? kb->bootstrap : NULL;
 }
 
+int
+bus_broker_kafka_producer_property(const bus_broker *b, const char *name,
+                                   char *buf, size_t cap, size_t *len)
+{
+    kafka_broker *kb = kafka_of(b);
+    size_t n = cap;
+    rd_kafka_conf_res_t r;
+
+    if (len != NULL)
+        *len = 0;
+    if (kb == NULL || kb->prod == NULL || name == NULL ||
+        (buf == NULL && cap > 0))
+        return BUS_EINVAL;
+    if (kafka_prop_secret(name))
+        return BUS_EACCESS;
+    /* librdkafka: size in, the value's size (NUL included) out; a NULL
+     * buffer asks for the size only. */
+    r = rd_kafka_conf_get(rd_kafka_conf(kb->prod), name,
+                          cap > 0 ? buf : NULL, &n);
+    if (r == RD_KAFKA_CONF_UNKNOWN)
+        return BUS_ENOTFOUND;
+    if (r != RD_KAFKA_CONF_OK)
+        return BUS_EINVAL;
+    if (len != NULL)
+        *len = n;
+    if (n > cap) {
+        if (cap > 0)
+            buf[cap - 1] = '\0';
+        return BUS_ENOBUFS;
+    }
+    return BUS_OK;
+}
+
 struct rd_kafka_mock_cluster_s *
 bus_broker_kafka_mock_cluster(const bus_broker *b)
 {

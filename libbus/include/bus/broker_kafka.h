@@ -155,6 +155,18 @@ BUS_API const char *bus_broker_kafka_bootstrap(const bus_broker *b);
 BUS_API struct rd_kafka_mock_cluster_s *
 bus_broker_kafka_mock_cluster(const bus_broker *b);
 
+/* The effective value of librdkafka producer property `name` of b (after
+ * our defaults, the URI's kafka.* options and the config file), as
+ * librdkafka reports it, e.g. "enable.idempotence" -> "true". Copies it
+ * NUL-terminated into buf; *len (may be NULL) gets its length + 1.
+ * Returns BUS_OK, BUS_ENOTFOUND (no such property), BUS_ENOBUFS (buf too
+ * small: *len says what it needs), BUS_EACCESS (a secret: a name with
+ * password, secret, key, token, jaas, credential or pem is never read
+ * back), BUS_EINVAL (not a Kafka broker). Thread: any. */
+BUS_API int bus_broker_kafka_producer_property(const bus_broker *b,
+                                               const char *name, char *buf,
+                                               size_t cap, size_t *len);
+
 typedef struct bus_broker_kafka_stats {
     uint64_t published;     /* publishes accepted (handed to librdkafka) */
     uint64_t acked;         /* delivery reports with success */

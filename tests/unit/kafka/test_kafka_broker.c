@@ -100,8 +100,72 @@ test_open_rejects_bad_options(void **state)
     f = fopen(path, "w");
     fprintf(f, "linger.ms=2\nclient.id=from-file\n");
     fclose(f);
-    bus_broker_close(kt_open(uri));
+    {
+        /* The file's properties are applied, and read back. */
+        bus_broker *b = kt_open(uri);
+        char v[64];
+        assert_int_equal(
+            bus_broker_kafka_producer_property(b, "client.id", v, sizeof(v),
+                                               NULL),
+            BUS_OK);
+        assert_string_equal(v, "from-file");
+        bus_broker_close(b);
+    }
     unlink(path);
+}
+
+static void
+expect_property(bus_broker *b, const char *name, const char *want)
+{
+    char v[128];
+    int rv = bus_broker_kafka_producer_property(b, name, v, sizeof(v), NULL);
+
+    if (rv != BUS_OK)
+        fail_msg("%s: %s", name, bus_err_name(rv));
+    if (strcmp(v, want) != 0)
+        fail_msg("%s = '%s', want '%s'", name, v, want);
+}
+
+/* The producer's defaults (idempotence, acks=all), what the URI sets on
+ * top, and the accessor's errors. */
+static void
+test_producer_defaults_and_overrides_take_effect(void **state)
+{
+    bus_broker *b;
+    char v[4];
+    size_t len = 0;
+
+    (void)state;
+    b = kt_open(MOCK);
+    expect_property(b, "enable.idempotence", "true");
+    expect_property(b, "acks", "-1"); /* all */
+    expect_property(b, "compression.codec", "lz4");
+    assert_int_equal(bus_broker_kafka_producer_property(b, "no.such.thing", v,
+                                                        sizeof(v), NULL),
+                     BUS_ENOTFOUND);
+    assert_int_equal(bus_broker_kafka_producer_property(b, "sasl.password", v,
+                                                        sizeof(v), NULL),
+                     BUS_EACCESS);
+    /* too small: says the size it needs, and the buffer stays a string */
+    assert_int_equal(bus_broker_kafka_producer_property(b, "client.id", v,
+                                                        sizeof(v), &len),
+                     BUS_ENOBUFS);
+    assert_true(len > sizeof(v));
+    assert_int_equal(v[sizeof(v) - 1], '\0');
+    bus_broker_close(b);
+
+    b = kt_open(MOCK "?compression=zstd&kafka.producer.linger.ms=7");
+    expect_property(b, "compression.codec", "zstd");
+    expect_property(b, "linger.ms", "7");
+    expect_property(b, "enable.idempotence", "true");
+    bus_broker_close(b);
+    /* weaker acks only with idempotence turned off, by name */
+    expect_open_error(MOCK "?kafka.producer.acks=1", BUS_EINVAL, "acks");
+    b = kt_open(MOCK "?kafka.producer.enable.idempotence=false"
+                     "&kafka.producer.acks=1");
+    expect_property(b, "enable.idempotence", "false");
+    expect_property(b, "acks", "1");
+    bus_broker_close(b);
 }
 
 static void
@@ -641,6 +705,109 @@ test_retry_redelivers_and_unsubscribe_commits(void **state)
     bus_broker_close(b);
 }
 
+/* topic.prefix maps bus topics to Kafka topics and back; the URI's group
+ * is the group of a subscription made without one. */
+static void
+test_topic_prefix_and_the_uris_group(void **state)
+{
+    char topic[64], group[64], ktopic[96], uri[256];
+    rd_kafka_mock_cluster_t *mc = mock_cluster();
+    bus_broker *b, *b2;
+    commit_want cw;
+    kt_rec r, r2;
+
+    (void)state;
+    kt_unique(topic, sizeof(topic), "pfx");
+    kt_unique(group, sizeof(group), "g");
+    snprintf(ktopic, sizeof(ktopic), "app1.%s", topic);
+    assert_int_equal(rd_kafka_mock_topic_create(mc, ktopic, 1, 3),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    snprintf(uri, sizeof(uri), MOCK "?topic.prefix=app1.&group=%s&" FAST,
+             group);
+    b = kt_open(uri);
+    kt_publish(b, topic, "t.x", "s", "p");
+    kt_publish(b, topic, "t.x", "s", "p");
+    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
+    kt_rec_init(&r, b, KT_KEEP);
+    kt_rec_sub(&r, topic, NULL);
+    assert_true(kt_rec_wait(&r, 2, DEADLINE_MS));
+    assert_string_equal(r.items[0].topic, topic); /* the prefix stripped */
+    kt_rec_ack(&r, 0, BUS_ACK);
+    kt_rec_ack(&r, 1, BUS_ACK);
+    cw.group = group; /* committed under the URI's group */
+    cw.topic = ktopic;
+    cw.partition = 0;
+    cw.want = 2;
+    assert_true(kt_wait(commit_is, &cw, DEADLINE_MS));
+    /* Without the prefix, the records are on the prefixed Kafka topic. */
+    b2 = kt_open(MOCK "?start=earliest");
+    kt_rec_init(&r2, b2, KT_ACK_INLINE);
+    kt_rec_sub(&r2, ktopic, NULL);
+    assert_true(kt_rec_wait(&r2, 2, DEADLINE_MS));
+    assert_string_equal(r2.items[0].topic, ktopic);
+    bus__broker_unsubscribe(b2, r2.handle);
+    kt_rec_free(&r2);
+    bus_broker_close(b2);
+    bus__broker_unsubscribe(b, r.handle);
+    kt_rec_free(&r);
+    bus_broker_close(b);
+}
+
+static int
+skipped_is_one(void *arg)
+{
+    bus_broker_kafka_stats st;
+
+    bus_broker_kafka_stats_get(arg, &st);
+    return st.skipped >= 1;
+}
+
+/* A poison record (its handler asks for a retry every time) does not
+ * hold its partition: after redelivery.max redeliveries it is skipped,
+ * counted, and the commit position passes it. */
+static void
+test_poison_record_is_skipped_after_redelivery_max(void **state)
+{
+    char topic[64], group[64];
+    rd_kafka_mock_cluster_t *mc = mock_cluster();
+    bus_broker *b = kt_open(MOCK "?redelivery.backoff.ms=10"
+                                 "&redelivery.max=2&" FAST);
+    bus_broker_kafka_stats st;
+    kt_rec r;
+    size_t i;
+
+    (void)state;
+    kt_unique(topic, sizeof(topic), "poison");
+    kt_unique(group, sizeof(group), "g");
+    assert_int_equal(rd_kafka_mock_topic_create(mc, topic, 1, 3),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    for (i = 0; i < 3; i++)
+        kt_publish(b, topic, "t.x", "s", "p");
+    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
+    kt_rec_init(&r, b, KT_KEEP);
+    kt_rec_sub(&r, topic, group);
+    assert_true(kt_rec_wait(&r, 3, DEADLINE_MS));
+    kt_rec_ack(&r, 0, BUS_ACK);
+    kt_rec_ack(&r, 2, BUS_ACK);
+    kt_rec_ack(&r, 1, BUS_RETRY);
+    assert_true(kt_rec_wait(&r, 4, DEADLINE_MS)); /* redelivery 1 */
+    assert_int_equal(r.items[3].token, r.items[1].token);
+    kt_rec_ack(&r, 3, BUS_RETRY);
+    assert_true(kt_rec_wait(&r, 5, DEADLINE_MS)); /* redelivery 2 */
+    assert_int_equal(r.items[4].token, r.items[1].token);
+    kt_rec_ack(&r, 4, BUS_RETRY); /* the last one allowed: skipped */
+    assert_true(kt_wait(skipped_is_one, b, DEADLINE_MS));
+    assert_int_equal(bus_broker_kafka_stats_get(b, &st), BUS_OK);
+    assert_int_equal(st.skipped, 1);
+    assert_int_equal(st.redelivered, 2);
+    /* The position passed the skipped record. */
+    bus__broker_unsubscribe(b, r.handle);
+    assert_int_equal(kt_committed(boot(), group, topic, 0), 3);
+    assert_int_equal(r.n, 5); /* never delivered again */
+    kt_rec_free(&r);
+    bus_broker_close(b);
+}
+
 static int
 pauses_at_least_one(void *arg)
 {
@@ -1083,6 +1250,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_rejects_bad_options),
+        cmocka_unit_test(test_producer_defaults_and_overrides_take_effect),
         cmocka_unit_test(test_open_fails_fast_on_unreachable_cluster),
         cmocka_unit_test(test_secrets_never_reach_logs_or_errors),
         cmocka_unit_test(test_publish_acks_come_from_delivery_reports),
@@ -1093,6 +1261,8 @@ main(void)
         cmocka_unit_test(test_groupless_subscription_starts_at_subscribe),
         cmocka_unit_test(test_group_commits_only_the_finished_prefix),
         cmocka_unit_test(test_retry_redelivers_and_unsubscribe_commits),
+        cmocka_unit_test(test_poison_record_is_skipped_after_redelivery_max),
+        cmocka_unit_test(test_topic_prefix_and_the_uris_group),
         cmocka_unit_test(test_refused_deliveries_pause_and_lose_nothing),
         cmocka_unit_test(test_refusal_in_the_middle_of_a_run),
         cmocka_unit_test(test_max_inflight_bounds_unfinished_deliveries),
