@@ -1245,6 +1245,137 @@ test_bus_context_end_to_end(void **state)
     assert_int_equal(atomic_load(&queued.n), 20);
 }
 
+typedef struct policy_seen {
+    _Atomic int flaky_ok, flaky_attempts, poison_calls, dead;
+    bus__mutex mtx;
+    char dlq_topic[128], orig[128], attempts[16], code[16];
+} policy_seen;
+
+static bus_result
+policy_handler(bus_delivery *d, void *opaque)
+{
+    policy_seen *p = opaque;
+    const char *stream = bus_event_stream(bus_delivery_event(d));
+
+    if (strcmp(stream, "poison") == 0) {
+        atomic_fetch_add(&p->poison_calls, 1);
+        bus_delivery_set_error(d, 77, "bad record");
+        return BUS_RETRY;
+    }
+    if (bus_delivery_attempt(d) < 3)
+        return BUS_RETRY;
+    atomic_store(&p->flaky_attempts, (int)bus_delivery_attempt(d));
+    atomic_fetch_add(&p->flaky_ok, 1);
+    return BUS_ACK;
+}
+
+static bus_result
+dlq_handler(bus_delivery *d, void *opaque)
+{
+    policy_seen *p = opaque;
+    const bus_event *e = bus_delivery_event(d);
+    const char *v;
+
+    bus__mutex_lock(&p->mtx);
+    snprintf(p->dlq_topic, sizeof(p->dlq_topic), "%s",
+             bus_delivery_topic(d));
+    v = bus_event_header(e, "dlq-original-topic");
+    snprintf(p->orig, sizeof(p->orig), "%s", v ? v : "");
+    v = bus_event_header(e, "dlq-attempts");
+    snprintf(p->attempts, sizeof(p->attempts), "%s", v ? v : "");
+    v = bus_event_header(e, "dlq-error-code");
+    snprintf(p->code, sizeof(p->code), "%s", v ? v : "");
+    bus__mutex_unlock(&p->mtx);
+    atomic_fetch_add(&p->dead, 1);
+    return BUS_ACK;
+}
+
+static int
+policy_done(void *arg)
+{
+    policy_seen *p = arg;
+
+    return atomic_load(&p->flaky_ok) == 1 && atomic_load(&p->dead) == 1;
+}
+
+/* The pipeline's failure policy over Kafka: deferred retries redeliver
+ * from the bus's timer wheel while the offsets wait; a record that keeps
+ * failing goes to its dead-letter topic, on Kafka too; both finish, so
+ * the group's position passes both. */
+static void
+test_deferred_retries_and_dead_letters_over_kafka(void **state)
+{
+    char topic[64], group[64], t[96], dlq[128];
+    rd_kafka_mock_cluster_t *mc = mock_cluster();
+    bus_broker *b = kt_open(MOCK "?" FAST);
+    bus_failure_policy fp;
+    bus_sub_config sc;
+    policy_seen ps;
+    commit_want cw;
+    bus_ctx *ctx;
+
+    (void)state;
+    memset(&ps, 0, sizeof(ps));
+    bus__mutex_init(&ps.mtx);
+    kt_unique(topic, sizeof(topic), "fp");
+    kt_unique(group, sizeof(group), "g");
+    snprintf(t, sizeof(t), "%s.created", topic);
+    snprintf(dlq, sizeof(dlq), "%s.dlq", t);
+    assert_int_equal(rd_kafka_mock_topic_create(mc, t, 1, 3),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert_int_equal(rd_kafka_mock_topic_create(mc, dlq, 1, 3),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert_int_equal(bus_ctx_open(&ctx, NULL), BUS_OK);
+    assert_int_equal(bus_ctx_attach(ctx, b, NULL), BUS_OK);
+    bus_sub_config_init(&sc);
+    sc.dispatch = BUS_DISPATCH_INLINE;
+    assert_int_equal(bus_subscribe(ctx, dlq, dlq_handler, &ps, &sc, NULL),
+                     BUS_OK);
+    bus_failure_policy_init(&fp);
+    fp.mode = BUS_RETRY_DEFERRED;
+    fp.retry.backoff = BUS_BACKOFF_FIXED;
+    fp.retry.jitter = BUS_JITTER_NONE;
+    fp.retry.initial_ms = 20;
+    fp.retry.max_attempts = 3;
+    bus_sub_config_init(&sc);
+    sc.group = group;
+    sc.policy = &fp;
+    assert_int_equal(bus_subscribe(ctx, t, policy_handler, &ps, &sc, NULL),
+                     BUS_OK);
+    assert_int_equal(bus_publish(ctx, t, mk_event("t.x", "flaky", "p"), 0),
+                     BUS_OK);
+    assert_int_equal(bus_publish(ctx, t, mk_event("t.x", "poison", "p"), 0),
+                     BUS_OK);
+    assert_true(kt_wait(policy_done, &ps, DEADLINE_MS));
+    assert_int_equal(atomic_load(&ps.flaky_attempts), 3);
+    assert_int_equal(atomic_load(&ps.poison_calls), 3);
+    bus__mutex_lock(&ps.mtx);
+    assert_string_equal(ps.dlq_topic, dlq);
+    assert_string_equal(ps.orig, t);
+    assert_string_equal(ps.attempts, "3");
+    assert_string_equal(ps.code, "77");
+    bus__mutex_unlock(&ps.mtx);
+    {
+        /* The dead letter is a record on Kafka, not a local hand-over. */
+        rd_kafka_t *rk = kt_raw_consumer(boot(), NULL);
+        int64_t lo = -1, hi = -1;
+        assert_int_equal(rd_kafka_query_watermark_offsets(rk, dlq, 0, &lo, &hi,
+                                                          DEADLINE_MS),
+                         RD_KAFKA_RESP_ERR_NO_ERROR);
+        assert_int_equal(hi - lo, 1);
+        rd_kafka_destroy(rk);
+    }
+    /* Both records finished (handled, dead-lettered): committed past. */
+    cw.group = group;
+    cw.topic = t;
+    cw.partition = 0;
+    cw.want = 2;
+    assert_true(kt_wait(commit_is, &cw, DEADLINE_MS));
+    assert_int_equal(bus_ctx_close(ctx), 0);
+    bus_broker_close(b);
+    bus__mutex_fini(&ps.mtx);
+}
+
 int
 main(void)
 {
@@ -1274,6 +1405,7 @@ main(void)
         cmocka_unit_test(test_health_follows_the_cluster),
         cmocka_unit_test(test_close_twice_and_publish_after_close),
         cmocka_unit_test(test_bus_context_end_to_end),
+        cmocka_unit_test(test_deferred_retries_and_dead_letters_over_kafka),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
