@@ -1245,6 +1245,100 @@ test_bus_context_end_to_end(void **state)
     assert_int_equal(atomic_load(&queued.n), 20);
 }
 
+/* What the rebalance callback of a broker logged, and when. */
+typedef struct rebalance_log {
+    _Atomic int revoked, assigned;
+    _Atomic uint64_t assigned_ns; /* the last "assigned" line */
+} rebalance_log;
+
+static void
+rebalance_log_fn(void *opaque, bus_log_level level, const char *subsys,
+                 const char *msg)
+{
+    rebalance_log *l = opaque;
+
+    (void)level;
+    (void)subsys;
+    if (strstr(msg, "partitions revoked") != NULL)
+        atomic_fetch_add(&l->revoked, 1);
+    if (strstr(msg, "partitions assigned") != NULL) {
+        atomic_store(&l->assigned_ns, bt_now_ns());
+        atomic_fetch_add(&l->assigned, 1);
+    }
+}
+
+static int
+revoked_once(void *arg)
+{
+    return atomic_load(&((rebalance_log *)arg)->revoked) >= 1;
+}
+
+static int
+assigned_twice(void *arg)
+{
+    return atomic_load(&((rebalance_log *)arg)->assigned) >= 2;
+}
+
+/* A revoke waits for the records its partitions still have unfinished
+ * (up to rebalance.timeout.ms): the member rejoins, and so gets its next
+ * assignment, only after a slow handler finished them. (That it then
+ * commits them cannot be seen on the mock cluster, which refuses commits
+ * while a rebalance is in progress: see docs/brokers/kafka.md.) */
+static void
+test_revoke_waits_for_unfinished_records(void **state)
+{
+    char topic[64], group[64], uri[256];
+    rd_kafka_mock_cluster_t *mc = mock_cluster();
+    bus_broker_config cfg;
+    bus_broker *b1 = NULL, *b2;
+    rebalance_log lg;
+    kt_rec r1, r2;
+    char err[256];
+    uint64_t acked_ns;
+    size_t i;
+
+    (void)state;
+    memset(&lg, 0, sizeof(lg));
+    kt_unique(topic, sizeof(topic), "revoke");
+    kt_unique(group, sizeof(group), "g");
+    assert_int_equal(rd_kafka_mock_topic_create(mc, topic, 1, 3),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    snprintf(uri, sizeof(uri), MOCK "?rebalance.timeout.ms=30000&" FAST);
+    bus_broker_config_init(&cfg);
+    cfg.uri = uri;
+    cfg.log.fn = rebalance_log_fn;
+    cfg.log.opaque = &lg;
+    cfg.log.level = BUS_LOG_INFO;
+    assert_int_equal(bus_broker_open(&b1, &cfg, err, sizeof(err)), BUS_OK);
+    for (i = 0; i < 4; i++)
+        kt_publish(b1, topic, "t.x", "s", "p");
+    assert_int_equal(bus_broker_flush(b1, DEADLINE_MS), BUS_OK);
+    kt_rec_init(&r1, b1, KT_KEEP);
+    kt_rec_sub(&r1, topic, group);
+    assert_true(kt_rec_wait(&r1, 4, DEADLINE_MS)); /* held, unfinished */
+    b2 = kt_open(uri);
+    kt_rec_init(&r2, b2, KT_ACK_INLINE);
+    kt_rec_sub(&r2, topic, group); /* joins: the partition is revoked */
+    assert_true(kt_wait(revoked_once, &lg, DEADLINE_MS));
+    /* A slow handler: longer than the mock takes to complete a rebalance
+     * (session.timeout.ms - 1 s, 3.5 s here), so that a revoke that did
+     * not wait would let the group move on before this ack. */
+    bus__sleep_ns(5000000000ull);
+    acked_ns = bt_now_ns();
+    for (i = 0; i < 4; i++)
+        kt_rec_ack(&r1, i, BUS_ACK);
+    assert_true(kt_wait(assigned_twice, &lg, DEADLINE_MS));
+    assert_true(atomic_load(&lg.assigned_ns) > acked_ns);
+    bus__broker_unsubscribe(b2, r2.handle);
+    bus__broker_unsubscribe(b1, r1.handle);
+    for (i = 4; i < kt_rec_count(&r1); i++)
+        kt_rec_ack(&r1, i, BUS_ACK);
+    kt_rec_free(&r2);
+    kt_rec_free(&r1);
+    bus_broker_close(b2);
+    bus_broker_close(b1);
+}
+
 typedef struct policy_seen {
     _Atomic int flaky_ok, flaky_attempts, poison_calls, dead;
     bus__mutex mtx;
@@ -1406,6 +1500,7 @@ main(void)
         cmocka_unit_test(test_close_twice_and_publish_after_close),
         cmocka_unit_test(test_bus_context_end_to_end),
         cmocka_unit_test(test_deferred_retries_and_dead_letters_over_kafka),
+        cmocka_unit_test(test_revoke_waits_for_unfinished_records),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
