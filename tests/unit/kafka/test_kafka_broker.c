@@ -1060,6 +1060,24 @@ test_delivery_errors_are_mapped(void **state)
     assert_int_equal(atomic_load(&a.last_err), BUS_EACCESS);
     assert_false(bus_err_retriable(BUS_EACCESS));
     bus_broker_close(b);
+
+    /* A retriable failure that outlasts the delivery timeout: the nack
+     * says it may be tried again. */
+    b = kt_open(MOCK "?kafka.producer.message.timeout.ms=300");
+    kt_publish(b, topic, "t.x", NULL, "p");
+    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
+    assert_int_equal(rd_kafka_mock_partition_set_leader(mc, topic, 0, -1),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    memset(&a, 0, sizeof(a));
+    e = mk_event("t.x", NULL, "p");
+    assert_int_equal(bus_broker_publish(b, topic, e, 0, ack_fn, &a), BUS_OK);
+    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
+    assert_int_equal(atomic_load(&a.failed), 1);
+    assert_int_equal(atomic_load(&a.last_err), BUS_ETIMEDOUT);
+    assert_true(bus_err_retriable(BUS_ETIMEDOUT));
+    assert_int_equal(rd_kafka_mock_partition_set_leader(mc, topic, 0, 1),
+                     RD_KAFKA_RESP_ERR_NO_ERROR);
+    bus_broker_close(b);
 }
 
 static void
