@@ -675,27 +675,36 @@ redelivered_is_one(void *arg)
     return st.redelivered >= 1;
 }
 
+/* Three records on a new one-partition topic (name from base; topic and
+ * group get 64 bytes), taken and held (KT_KEEP) by r in a new group. */
 static void
-test_retry_redelivers_and_unsubscribe_commits(void **state)
+three_records_taken(bus_broker *b, const char *base, char *topic, char *group,
+                    kt_rec *r)
 {
-    char topic[64], group[64];
-    rd_kafka_mock_cluster_t *mc = mock_cluster();
-    bus_broker *b = kt_open(MOCK "?redelivery.backoff.ms=10&" FAST);
-    bus_broker_kafka_stats st;
-    kt_rec r;
     size_t i;
 
-    (void)state;
-    kt_unique(topic, sizeof(topic), "retry");
-    kt_unique(group, sizeof(group), "g");
-    assert_int_equal(rd_kafka_mock_topic_create(mc, topic, 1, 3),
+    kt_unique(topic, 64, base);
+    kt_unique(group, 64, "g");
+    assert_int_equal(rd_kafka_mock_topic_create(mock_cluster(), topic, 1, 3),
                      RD_KAFKA_RESP_ERR_NO_ERROR);
     for (i = 0; i < 3; i++)
         kt_publish(b, topic, "t.x", "s", "p");
     assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
-    kt_rec_init(&r, b, KT_KEEP);
-    kt_rec_sub(&r, topic, group);
-    assert_true(kt_rec_wait(&r, 3, DEADLINE_MS));
+    kt_rec_init(r, b, KT_KEEP);
+    kt_rec_sub(r, topic, group);
+    assert_true(kt_rec_wait(r, 3, DEADLINE_MS));
+}
+
+static void
+test_retry_redelivers_and_unsubscribe_commits(void **state)
+{
+    char topic[64], group[64];
+    bus_broker *b = kt_open(MOCK "?redelivery.backoff.ms=10&" FAST);
+    bus_broker_kafka_stats st;
+    kt_rec r;
+
+    (void)state;
+    three_records_taken(b, "retry", topic, group, &r);
     kt_rec_ack(&r, 0, BUS_ACK);
     kt_rec_ack(&r, 1, BUS_RETRY); /* redelivered: same event, same token */
     kt_rec_ack(&r, 2, BUS_ACK);
@@ -780,24 +789,13 @@ static void
 test_poison_record_is_skipped_after_redelivery_max(void **state)
 {
     char topic[64], group[64];
-    rd_kafka_mock_cluster_t *mc = mock_cluster();
     bus_broker *b = kt_open(MOCK "?redelivery.backoff.ms=10"
                                  "&redelivery.max=2&" FAST);
     bus_broker_kafka_stats st;
     kt_rec r;
-    size_t i;
 
     (void)state;
-    kt_unique(topic, sizeof(topic), "poison");
-    kt_unique(group, sizeof(group), "g");
-    assert_int_equal(rd_kafka_mock_topic_create(mc, topic, 1, 3),
-                     RD_KAFKA_RESP_ERR_NO_ERROR);
-    for (i = 0; i < 3; i++)
-        kt_publish(b, topic, "t.x", "s", "p");
-    assert_int_equal(bus_broker_flush(b, DEADLINE_MS), BUS_OK);
-    kt_rec_init(&r, b, KT_KEEP);
-    kt_rec_sub(&r, topic, group);
-    assert_true(kt_rec_wait(&r, 3, DEADLINE_MS));
+    three_records_taken(b, "poison", topic, group, &r);
     kt_rec_ack(&r, 0, BUS_ACK);
     kt_rec_ack(&r, 2, BUS_ACK);
     kt_rec_ack(&r, 1, BUS_RETRY);
