@@ -84,15 +84,7 @@ kafka_strfree(char **s, size_t *size)
 static bool
 kafka_prop_secret(const char *name)
 {
-    static const char *const words[] = {"password", "secret", "key",
-                                        "token",    "jaas",   "credential",
-                                        "pem",      NULL};
-    size_t i;
-
-    for (i = 0; words[i] != NULL; i++)
-        if (strstr(name, words[i]) != NULL)
-            return true;
-    return false;
+    return bus__option_is_secret(name, strlen(name));
 }
 
 /* ---- Error mapping ------------------------------------------------------ */

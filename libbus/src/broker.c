@@ -265,23 +265,19 @@ broker_merge_props(bus_uri *u, const char *const *props, char *errbuf,
     return BUS_OK;
 }
 
-/* Whether a query key (raw, s[0..n), percent-escapes allowed) names a
- * secret. The key is judged as the backend sees it, decoded, and in any
- * case, so that "curve_s%65cret_key" or "SASL_PASSWORD" (refused as
- * unknown, but logged by the failed open) is masked too; a key too long
- * to judge counts as secret. */
-static bool
-broker_key_is_secret(const char *s, size_t n)
+bool
+bus__option_is_secret(const char *s, size_t n)
 {
-    static const char *const words[] = {"secret", "pass",    "private",
-                                        "token",  "key.pem", "credential"};
+    static const char *const words[] = {"secret", "pass",    "key",
+                                        "token",  "private", "credential",
+                                        "jaas",   "pem"};
     char key[256];
     size_t i, k = 0;
 
     for (i = 0; i < n; i++) {
         int c = (unsigned char)s[i];
         if (k + 1 >= sizeof(key))
-            return true;
+            return true; /* too long to judge: treated as secret */
         if (c == '%' && n - i >= 3 && isxdigit((unsigned char)s[i + 1]) &&
             isxdigit((unsigned char)s[i + 2])) {
             char hex[3] = {s[i + 1], s[i + 2], '\0'};
@@ -298,7 +294,7 @@ broker_key_is_secret(const char *s, size_t n)
 }
 
 /* The URI for a log line: the values of options whose name says they are
- * secret (broker_key_is_secret: CURVE secret keys, SASL passwords, TLS
+ * secret (bus__option_is_secret: CURVE secret keys, SASL passwords, TLS
  * private keys, tokens) become "***", so that a URI carrying one never
  * reaches a log. */
 static const char *
@@ -315,7 +311,7 @@ broker_uri_for_log(const char *uri, char *buf, size_t len)
     memcpy(buf, uri, n);
     for (p = q + 1; *p != '\0';) {
         size_t pl = strcspn(p, "&"), kl = strcspn(p, "=&");
-        bool secret = broker_key_is_secret(p, kl);
+        bool secret = bus__option_is_secret(p, kl);
         if (n + (secret ? kl + 4 : pl) + 2 >= len)
             break;
         memcpy(buf + n, p, secret ? kl : pl);

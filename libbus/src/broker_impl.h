@@ -50,6 +50,13 @@ int bus__broker_subscribe(bus_broker *b, const char *pattern, const char *group,
  * for what it can promise then). NULL handle is a no-op. Thread: any. */
 void bus__broker_unsubscribe(bus_broker *b, void *handle);
 
+/* Whether an option named s[0..len) (percent-escapes allowed; judged
+ * decoded and in any case) holds a secret, whose value must never reach
+ * a log line or an error message: names with secret, pass, key, token,
+ * private, credential, jaas or pem. Backends use it for their own
+ * properties; the core for the URIs it logs. */
+bool bus__option_is_secret(const char *s, size_t len);
+
 /* Passes a handler outcome for a delivery with a non-zero token to the
  * backend (ops->ack); a no-op when the backend has no ack or token is 0.
  * Thread: any. */

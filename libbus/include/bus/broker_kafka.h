@@ -161,7 +161,7 @@ bus_broker_kafka_mock_cluster(const bus_broker *b);
  * NUL-terminated into buf; *len (may be NULL) gets its length + 1.
  * Returns BUS_OK, BUS_ENOTFOUND (no such property), BUS_ENOBUFS (buf too
  * small: *len says what it needs), BUS_EACCESS (a secret: a name with
- * password, secret, key, token, jaas, credential or pem is never read
+ * pass, secret, key, token, private, jaas, credential or pem is never read
  * back), BUS_EINVAL (not a Kafka broker). Thread: any. */
 BUS_API int bus_broker_kafka_producer_property(const bus_broker *b,
                                                const char *name, char *buf,

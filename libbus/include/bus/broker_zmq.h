@@ -108,8 +108,9 @@
  * allow-list of client public keys checked by its ZAP handler, with
  * ZMQ_ZAP_ENFORCE_DOMAIN) and peers are clients (the hub's public key,
  * their own key pair). Keys are Z85 text in an option or a file. Secret
- * keys are never logged (the core masks options named *secret* in the
- * URIs it logs); prefer props or files to URIs for them anyway.
+ * keys are never logged (the core masks options named *secret*, *key*,
+ * *pass*... in the URIs it logs, judged decoded and in any case); prefer
+ * props or files to URIs for them anyway.
  *
  * Bad input (wrong frame counts, malformed envelopes, bad topics or
  * tags) is counted in bad_frames, logged at most once a second, and
