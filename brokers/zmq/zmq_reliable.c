@@ -41,7 +41,9 @@
  *   identity and tag) of every copy received.
  * - A delivery refused with BUS_EAGAIN waits on its subscription's
  *   backlog, after which later deliveries to that subscription queue too
- *   (order kept); the backlog is retried with a backoff (1 to 64 ms).
+ *   (order kept); the backlog is offered again when that subscription
+ *   acks (room was made), else after a backoff of 1 to 64 ms that grows
+ *   only while nothing is taken.
  *   BUS_RETRY from the ack op redelivers after 50 ms doubling to 2 s.
  * - The ack op may run on any thread: it writes the result and pushes
  *   the delivery on a lock-free stack (Treiber; one consumer takes the
@@ -1513,6 +1515,16 @@ zb_retry_ms(uint32_t attempts)
     return ms > ZB_RETRY_MAX_MS ? ZB_RETRY_MAX_MS : (uint32_t)ms;
 }
 
+/* An ack from s's subscriber: it took a delivery off its queue, so the
+ * backlog that waits for room is offered again now, not after its
+ * backoff (which stays, for a subscriber that acks nothing). */
+static void
+zb_backlog_kick(zb_sub *s, uint64_t now)
+{
+    if (s->bl_head != NULL && s->bl_due > now)
+        s->bl_due = now;
+}
+
 bool
 zb_rel_acks_run(zb *z, uint64_t now)
 {
@@ -1537,6 +1549,7 @@ zb_rel_acks_run(zb *z, uint64_t now)
                     "ack for a delivery not outstanding "
                     "(acked twice?): ignored");
         } else if (d->result == BUS_RETRY) {
+            zb_backlog_kick(d->sub, now);
             d->attempts++;
             d->state = ZB_D_RETRY;
             d->due_ns = now + (uint64_t)zb_retry_ms(d->attempts) * 1000000u;
@@ -1547,22 +1560,26 @@ zb_rel_acks_run(zb *z, uint64_t now)
                 z->retry_head = d;
             z->retry_tail = d;
         } else {
+            zb_backlog_kick(d->sub, now);
             zb_dlv_done(z, d);
         }
     }
     return true;
 }
 
-/* Offers s's backlog in order until a refusal. @io, in a deliver loop */
+/* Offers s's backlog in order until a refusal. The backoff grows only
+ * while nothing is taken: a run that made progress waits 1 ms. @io, in
+ * a deliver loop */
 static void
 zb_backlog_run(zb *z, zb_sub *s, uint64_t now)
 {
+    bool progress = false;
     zb_dlv *d;
 
     while ((d = s->bl_head) != NULL && !s->dead) {
         int rv = zb_offer(z, d, now);
         if (rv != BUS_OK && rv != BUS_ECLOSED) {
-            uint32_t b = s->bl_backoff_ms * 2;
+            uint32_t b = progress ? 1 : s->bl_backoff_ms * 2;
             if (b == 0)
                 b = 1;
             s->bl_backoff_ms = b > ZB_BACKLOG_MAX_MS ? ZB_BACKLOG_MAX_MS : b;
@@ -1573,6 +1590,7 @@ zb_backlog_run(zb *z, zb_sub *s, uint64_t now)
         if (s->bl_head == NULL)
             s->bl_tail = NULL;
         d->next = NULL;
+        progress = true;
         if (rv == BUS_ECLOSED)
             zb_dlv_done(z, d);
     }

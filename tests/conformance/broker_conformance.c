@@ -102,12 +102,35 @@ conf_open_peer(bus_broker *first)
         fail_msg("open %s: %s (%s)", uri, bus_err_name(rv), err);
     return b;
 }
+/* On a failure: the broker's counters, to tell a lost event from a
+ * stalled one. */
+static void
+conf_dump_stats(bus_broker *b)
+{
+    bus_broker_zmq_stats st;
+
+    if (bus_broker_zmq_stats_get(b, &st) != BUS_OK)
+        return;
+    print_message("zmq: published %" PRIu64 " sent %" PRIu64
+                  " delivered %" PRIu64 " dropped_queue %" PRIu64
+                  " resent %" PRIu64 " duplicates %" PRIu64 " acked %" PRIu64
+                  " unrouted %" PRIu64 " inflight %" PRIu64 "\n",
+                  st.published, st.sent, st.delivered, st.dropped_queue,
+                  st.resent, st.duplicates_dropped, st.acked, st.unrouted,
+                  st.inflight);
+}
 #else
 static bus_broker *
 conf_open_peer(bus_broker *first)
 {
     (void)first;
     return conf_open();
+}
+
+static void
+conf_dump_stats(bus_broker *b)
+{
+    (void)b;
 }
 #endif
 
@@ -383,7 +406,11 @@ test_per_key_order_with_4_publishers_and_4_workers(void **state)
         assert_int_equal(pthread_create(&th[i], NULL, ord_publisher, o), 0);
     for (i = 0; i < ORD_PUBS; i++)
         assert_int_equal(pthread_join(th[i], NULL), 0);
-    assert_true(bt_wait_for(ord_all_handled, o, 30000));
+    if (!bt_wait_for(ord_all_handled, o, 30000)) {
+        conf_dump_stats(c->b);
+        fail_msg("%" PRIu64 " of %d events handled after 30 s",
+                 atomic_load(&o->handled), ORD_PUBS * ORD_PER_PUB);
+    }
     assert_int_equal(bus_ctx_close(o->ctx), 0);
     assert_int_equal(atomic_load(&o->bad_rv), 0);
     assert_int_equal(atomic_load(&o->order_errors), 0);

@@ -1,9 +1,9 @@
 /* Reliable mode in one process: resends after resend_ivl and duplicate
  * drops at the receiver, a receiver closed and reopened mid-stream (the
  * sender resends on reconnect; every event is handled at least once), a
- * hub that forgets a silent peer, and a peer that subscribes again when
- * its hub restarts. The receiver process killed with SIGKILL is in
- * test_zmq_kill.c. */
+ * hub that forgets a silent peer, a peer that subscribes again when its
+ * hub restarts, and a full context queue refilled as its worker acks.
+ * The receiver process killed with SIGKILL is in test_zmq_kill.c. */
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -240,6 +240,50 @@ test_a_peer_subscribes_again_when_its_hub_restarts(void **state)
     zt_rec_fini(&r);
 }
 
+/* A context's worker with a queue of 4 behind a reliable hub: most
+ * deliveries meet a full queue and wait on the subscription's backlog.
+ * Each ack makes room, and the backlog must be offered again then, not
+ * after a backoff that kept growing while the queue was full (64 ms per
+ * 4 events: 3000 events took 48 s). */
+typedef struct slow_q {
+    _Atomic uint64_t n;
+} slow_q;
+
+static bus_result
+slow_q_handler(bus_delivery *d, void *opaque)
+{
+    slow_q *q = opaque;
+
+    (void)d;
+    atomic_fetch_add(&q->n, 1);
+    return BUS_ACK;
+}
+
+static void
+test_a_full_context_queue_is_refilled_as_its_worker_acks(void **state)
+{
+    bus_broker *hub = zt_open("zmq+tcp://127.0.0.1:0?mode=reliable");
+    bus_ctx_config cfg;
+    bus_ctx *ctx = NULL;
+    slow_q q = {0};
+    uint64_t i, n = 3000;
+
+    (void)state;
+    bus_ctx_config_init(&cfg);
+    cfg.workers = 1;
+    cfg.queue_capacity = 4;
+    assert_int_equal(bus_ctx_open(&ctx, &cfg), BUS_OK);
+    assert_int_equal(bus_ctx_attach(ctx, hub, NULL), BUS_OK);
+    assert_int_equal(bus_subscribe(ctx, "fq.>", slow_q_handler, &q, NULL, NULL),
+                     BUS_OK);
+    for (i = 0; i < n; i++)
+        assert_int_equal(bus_publish(ctx, "fq.x", zt_event(i), 0), BUS_OK);
+    assert_true(zt_wait(&q.n, n, 20000));
+    assert_int_equal(zt_stats(hub).delivered, n);
+    assert_int_equal(bus_ctx_close(ctx), 0);
+    bus_broker_close(hub);
+}
+
 int
 main(void)
 {
@@ -250,6 +294,8 @@ main(void)
             test_events_lost_with_a_connection_are_resent_on_reconnect),
         cmocka_unit_test(test_a_silent_peer_is_forgotten_and_its_events_acked),
         cmocka_unit_test(test_a_peer_subscribes_again_when_its_hub_restarts),
+        cmocka_unit_test(
+            test_a_full_context_queue_is_refilled_as_its_worker_acks),
     };
 
     return cmocka_run_group_tests_name("zmq reliable", tests, group_setup,
