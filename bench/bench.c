@@ -27,11 +27,15 @@ bench_row(const char *name, const char *unit, double ours, double raw,
           const char *target_desc, int met)
 {
     double ratio = raw > 0 ? ours / raw : 0;
+    /* A side left out (a partial run, e.g. BUS_BENCH_ZMQ_ONLY) is no
+     * measurement: no verdict on the target. */
+    const char *verdict = ours <= 0 || raw <= 0 ? "not run"
+                          : met                 ? "met"
+                                                : "MISSED";
 
     printf("%-46s %12.2f %12.2f %7.2fx  %s%s%s  (%s)\n", name, ours, raw,
-           ratio, target_desc ? target_desc : "",
-           target_desc ? ": " : "", target_desc ? (met ? "met" : "MISSED")
-                                                : "", unit);
+           ratio, target_desc ? target_desc : "", target_desc ? ": " : "",
+           target_desc ? verdict : "", unit);
     fflush(stdout);
 }
 
