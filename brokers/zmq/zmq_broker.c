@@ -1945,8 +1945,9 @@ zb_init_common(void *priv, const bus_broker_config *cfg, bus_uri *uri,
     if (z->o.wait_subscriber_ms > 0)
         z->hold_until_ns =
             bus__clock_mono_ns() + (uint64_t)z->o.wait_subscriber_ms * 1000000u;
-    if ((rv = bus__thread_start(&z->io, "bus-zmq-io", zb_io_main, z)) !=
-        BUS_OK) {
+    if ((rv = bus__thread_start(&z->io,
+                                z->o.bind ? "bus-zmq-hub" : "bus-zmq-peer",
+                                zb_io_main, z)) != BUS_OK) {
         zb_err(errbuf, errbuf_len, "cannot start the I/O thread");
         return rv;
     }
